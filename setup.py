@@ -1,0 +1,32 @@
+"""ftjax: fine-tune pretrained encoders in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="ftjax",
+    version="0.1.0",
+    description="Fine-tuning pretrained encoders (BERT, MiniLM, ...) with JAX, Flax and Optax.",
+    packages=setuptools.find_packages(include=["ftjax", "ftjax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml-collections>=1.1,<2",
+        "absl-py>=2.1,<3",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "importlib_resources>=6",  # tfds 4.9.10 imports it without declaring it
+        "array_record>=0.8,<0.9",
+        "grain>=0.2.18,<0.3",
+        "transformers>=5,<6",
+        "tokenizers>=0.22,<0.24",
+        "huggingface_hub>=1.0,<2",
+        "safetensors>=0.6,<0.9",
+        "tqdm>=4.66,<5",
+        "tensorboardX>=2.6,<3",
+        "etils[epath]>=1.10",
+        "numpy>=2,<3",
+    ],
+    extras_require={"test": ["pytest>=8,<10"]},
+)
