@@ -1,0 +1,163 @@
+"""Every config key, declared once with its type and default.
+
+Experiment configs start from `base_config()` and only assign keys that exist here.
+The returned ConfigDict is locked: a misspelled key or a value of the wrong type is
+an error, and library code reads keys directly (never `config.get(key, default)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the unlocked base config holding every key ftjax reads."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---- model --------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # An HF snapshot folder, a hub name (e.g. "bert-base-uncased"), or "asset:NAME"
+    # for a pinned offline asset (see ftjax/assets.py). None: no pretrained weights.
+    c.model.pretrained = placeholder(str)
+    c.model.family = "bert"            # key into ftjax.models.MODELS
+    c.model.variant = placeholder(str)  # e.g. "tiny"; used when pretrained is None
+    c.model.tokenizer = placeholder(str)  # tokenizer folder; None: the pretrained folder
+    c.model.num_labels = 2              # 1 = regression
+    c.model.pooling = "pooler"          # "pooler" (BERT [CLS] + dense tanh), "cls" or "mean"
+    c.model.dropout = placeholder(float)  # None: the pretrained config's hidden dropout
+    c.model.head_dropout = placeholder(float)  # None: same as dropout
+    c.model.dtype = "float32"           # compute dtype: "float32" or "bfloat16" (params stay fp32)
+    c.model.dont_load = ("head/.*",)    # regexes of params not taken from pretrained weights
+    c.init_from = placeholder(str)      # a workdir or export dir of a previous ftjax run
+
+    # ---- data ---------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    # A TFDS name ("glue/sst2", "imdb_reviews"), "rotten_tomatoes" (ftjax builder over
+    # the pinned asset) or "local_text" (ftjax builder over data.files).
+    c.data.name = "glue/sst2"
+    c.data.data_dir = placeholder(str)  # TFDS data_dir; None: $FTJAX_CACHE/tfds
+    c.data.train_split = "train"
+    c.data.dev_split = "validation"
+    c.data.test_split = placeholder(str)  # None: no test evaluation
+    c.data.text_keys = ("sentence",)      # one key, or two for sentence pairs
+    c.data.label_key = "label"
+    c.data.max_length = 128
+    c.data.bucket_lengths = (32, 64, 128)  # dynamic padding targets (<= max_length)
+    c.data.train_limit = placeholder(int)  # use the first N train examples (smoke tests)
+    c.data.eval_limit = placeholder(int)   # use the first N eval examples (smoke tests)
+    c.data.shuffle_buffer = 0              # 0: full per-epoch shuffle of the index
+    c.data.num_workers = 0                 # grain worker processes (0 = in-process)
+    # local_text builder (data.name == "local_text"): paths of CSV/TSV/JSONL files.
+    c.data.files = ml_collections.ConfigDict()
+    c.data.files.train = placeholder(str)
+    c.data.files.dev = placeholder(str)
+    c.data.files.test = placeholder(str)
+    c.data.text_column = "text"
+    c.data.text_pair_column = placeholder(str)
+    c.data.label_column = "label"
+    c.data.label_names = placeholder(tuple)  # None: inferred from the train file (sorted)
+    c.data.regression = False
+    # rotten_tomatoes builder: seeded by-movie split fractions.
+    c.data.split_seed = 0
+    c.data.dev_fraction = 0.1
+    c.data.test_fraction = 0.1
+
+    # ---- schedule & optimiser -------------------------------------------------
+    c.batch_size = 32                  # global batch size (examples per optimizer step)
+    c.accum_steps = 1                  # gradient accumulation micro-steps per optimizer step
+    c.num_epochs = placeholder(float)  # exactly one of num_epochs / total_steps
+    c.total_steps = placeholder(int)
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"         # "adamw", "adam", "sgd" (momentum), "adafactor"
+    c.optimizer.lr = 2e-5
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9         # sgd only
+    c.optimizer.weight_decay = 0.01
+    # Ordered (regex, multiplier) rules on "a/b/c" param paths; first match wins.
+    # Default: no decay on biases, LayerNorm and embeddings' LayerNorm.
+    c.optimizer.wd_rules = ((r".*/bias", 0.0), (r".*LayerNorm.*", 0.0), (r".*", 1.0))
+    c.optimizer.lr_rules = ((r".*", 1.0),)  # (regex, lr multiplier); 0 multiplier != frozen
+    c.optimizer.trainable = ((r".*", True),)  # (regex, bool); False leaves get no update, no moments
+    c.optimizer.grad_clip_norm = 1.0   # global-norm clipping; 0 disables
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.decay = "linear"        # "linear", "cosine" or "constant" after warmup
+    c.schedule.warmup_fraction = 0.1   # of total steps; overridden by warmup_steps if set
+    c.schedule.warmup_steps = placeholder(int)
+
+    # ---- evaluation, checkpoints, logs ---------------------------------------
+    c.eval_batch_size = 64
+    c.eval_every_steps = placeholder(int)   # None: once per epoch
+    c.eval_at_end = True
+    c.metric = "accuracy"                   # dev metric used for best-k and early stopping
+    c.metric_mode = "max"
+    c.early_stopping_patience = 0           # evals without improvement; 0 disables
+    c.checkpoint_every_steps = placeholder(int)  # None: once per epoch
+    c.keep_checkpoints = 2                  # most recent checkpoints kept
+    c.keep_best = 1                         # best-by-metric checkpoints kept besides recent
+    c.log_every_steps = 50
+    c.progress_bar = True
+    c.export = True                         # params-only export to W/export at the end
+    return c
+
+
+@dataclasses.dataclass
+class ArgSpec:
+    """Typed parse of a config argument string "a,b=3,c=x"."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, name):
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ArgSpec:
+    """Parses `get_config(arg)` strings with typed defaults.
+
+    `spec` maps each allowed name to its default; the default's type is the type of
+    the field. A bare name sets a bool field to True ("demo,runlocal"). Unknown names
+    or values that do not parse as the field's type raise ValueError.
+
+    Args:
+      arg: the text after ":" in --config=file.py:ARG, or None.
+      **spec: allowed names and their defaults.
+
+    Returns:
+      An ArgSpec with one attribute per name in `spec`.
+    """
+    values = dict(spec)
+    for part in filter(None, (arg or "").split(",")):
+        name, eq, raw = part.partition("=")
+        name = name.strip()
+        if name not in spec:
+            raise ValueError(f"unknown config arg {name!r}; allowed: {', '.join(sorted(spec))}")
+        default = spec[name]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f"config arg {name!r} needs a value ({name}=...)")
+            values[name] = True
+            continue
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                values[name] = raw.lower() in ("true", "1")
+            elif default is None:
+                values[name] = raw
+            else:
+                values[name] = type(default)(raw)
+        except ValueError:
+            raise ValueError(
+                f"config arg {name}={raw!r} is not a {type(default).__name__}") from None
+    return ArgSpec(values)
