@@ -29,7 +29,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.family = "bert"            # key into ftjax.models.MODELS
     c.model.variant = placeholder(str)  # e.g. "tiny"; used when pretrained is None
     c.model.tokenizer = placeholder(str)  # tokenizer folder; None: the pretrained folder
-    c.model.num_labels = 2              # 1 = regression
     c.model.pooling = "pooler"          # "pooler" (BERT [CLS] + dense tanh), "cls" or "mean"
     c.model.dropout = placeholder(float)  # None: the pretrained config's hidden dropout
     c.model.head_dropout = placeholder(float)  # None: same as dropout

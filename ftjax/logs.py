@@ -1,0 +1,76 @@
+"""Run logs: metrics.jsonl, TensorBoard event files and a progress bar (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+from etils import epath
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step to W/metrics.jsonl and mirrors to TensorBoard."""
+
+    def __init__(self, workdir: epath.Path, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        self._path = epath.Path(workdir) / "metrics.jsonl"
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+        except ImportError:  # TensorBoard files are a convenience, the jsonl is the record
+            self._tb = None
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        """Writes `scalars` (numbers; None and non-numbers are dropped from TensorBoard)."""
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: _jsonable(v) for k, v in scalars.items()})
+        with self._path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if hasattr(v, "item"):
+        return _jsonable(v.item())
+    return v
+
+
+class ProgressBar:
+    """tqdm bar with step, loss, throughput and ETA; silent when disabled or not a TTY-less CI."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self._bar = None
+        if enabled and total > start:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                             file=sys.stderr, mininterval=1.0, smoothing=0.1)
+
+    def update(self, step: int, **postfix: float) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(step - self._bar.n)
+        if postfix:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
