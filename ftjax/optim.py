@@ -53,9 +53,19 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _map_unmasked(fn, updates, *trees):
+    """tree.map over `updates` inside multi_transform, skipping other branches' MaskedNodes."""
+    return jax.tree.map(lambda u, *xs: u if _is_masked(u) else fn(u, *xs), updates, *trees,
+                        is_leaf=_is_masked)
+
+
 def _scale_by_tree(mults: Any) -> optax.GradientTransformation:
     """Multiplies each update leaf by a fixed per-leaf float."""
-    return optax.stateless(lambda updates, params=None: jax.tree.map(
+    return optax.stateless(lambda updates, params=None: _map_unmasked(
         lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, mults))
 
 
@@ -65,7 +75,7 @@ def _decoupled_weight_decay(rate: float, mults: Any) -> optax.GradientTransforma
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("weight decay needs params")
-        updates = jax.tree.map(
+        updates = _map_unmasked(
             lambda u, p, m: u if m == 0.0 else u + (rate * m) * p.astype(u.dtype),
             updates, params, mults)
         return updates, state
