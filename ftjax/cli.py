@@ -8,30 +8,49 @@ import sys
 from ftjax.errors import UserError, one_line
 
 
+def fail(message: str) -> None:
+    print(f"ftjax: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
 @contextlib.contextmanager
 def user_errors():
-    """Turns UserError (and config-flag mistakes) into one stderr line and exit code 2."""
+    """Turns UserError into one stderr line and exit code 2 (no traceback)."""
     try:
         yield
     except UserError as e:
-        print(f"ftjax: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit:
-        raise
+        fail(str(e))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parser for app.run: bad --config files, keys or values give one line.
+
+    ml_collections raises KeyError / AttributeError / TypeError / ValueError for an
+    unknown key or a value of the wrong type in a `--config.x=...` override, and the
+    config file's own `get_config(arg)` raises ValueError for a bad arg.
+    """
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        error = getattr(config, "_error", None)  # ml_collections defers a missing config file
+        if error is not None:
+            raise flags.Error(f"--config: {error}")
+        return rest
+    except flags.Error as e:
+        text = str(e)
+        if "Traceback (most recent call last)" in text:  # the config file raised: keep its last line
+            text = "the config file failed: " + text.strip().splitlines()[-1]
+        fail(f"bad flag: {text}")
     except (KeyError, AttributeError, TypeError, ValueError) as e:
-        # ml_collections raises these for unknown keys / wrong types of --config.x
-        # overrides and for a config file's own mistakes, before any work starts.
-        if _from_config_flags(e):
-            print(f"ftjax: error: bad config: {one_line(e)}", file=sys.stderr)
-            sys.exit(2)
-        raise
-
-
-def _from_config_flags(e: BaseException) -> bool:
-    tb = e.__traceback__
-    while tb is not None:
-        name = tb.tb_frame.f_code.co_filename
-        if "ml_collections" in name or "absl/flags" in name or "/configs/" in name:
-            return True
-        tb = tb.tb_next
-    return False
+        while e.args and isinstance(e.args[0], BaseException):  # ml_collections nests KeyErrors
+            e = e.args[0]
+        text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        if isinstance(e, KeyError):
+            key, _, hint = text.partition("\n")
+            text = f"unknown key {key}" + (f" ({hint.strip()})" if hint else "")
+        fail(f"bad config: {text}")
+    except UserError as e:
+        fail(str(e))
+    return []

@@ -29,10 +29,5 @@ def main(argv):
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-def run():
-    with cli.user_errors():  # bad --config files, keys and values surface during flag parsing
-        app.run(main)
-
-
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(app.run(main, flags_parser=cli.parse_flags))
