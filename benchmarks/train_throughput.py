@@ -1,0 +1,80 @@
+"""Steady-state throughput of the demo train step, after compile.
+
+  python benchmarks/train_throughput.py [--config=configs/bert_sst2.py:demo] [--steps=20]
+
+Prints the compile time of the first step and, over the next --steps real batches of
+the config's train split (dynamic padding, so several bucket shapes compile during
+warm-up), the padded tokens/s, real tokens/s and examples/s.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bert_sst2.py:demo", "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after warm-up.")
+_WARMUP = flags.DEFINE_integer("warmup", 12, "Untimed steps first (compiles every bucket seen).")
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ftjax import assets, optim, train
+    from ftjax import step as step_lib
+    from ftjax.data import pipeline, tokenizer as tok_lib
+
+    config = _CONFIG.value
+    mesh = step_lib.make_mesh()
+    rep = step_lib.replicated(mesh)
+    tok_dir = config.model.tokenizer or assets.resolve_model_dir(config.model.pretrained)
+    data = pipeline.TextData(config, tok_lib.load_tokenizer(tok_dir))
+    model, _, _ = train.build_model(config, data.num_labels)
+    dummy = [jnp.ones((1, 8), jnp.int32)] * 3
+    params = jax.jit(lambda r: model.init(r, *dummy)["params"], out_shardings=rep)(jax.random.key(0))
+    tx, _, _ = optim.make_optimizer(config, params, 1000)
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                rng=jax.random.key_data(jax.random.key(1)))
+    state = jax.device_put(state, rep)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, num_labels=data.num_labels,
+                                                          accum_steps=config.accum_steps),
+                                 mesh, jax.tree.map(lambda _: rep, state))
+    batches = data.train_batches(start_step=0)
+    t0 = time.perf_counter()
+    state, m = fn(state, step_lib.shard_batch(next(batches), mesh))
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    for _ in range(_WARMUP.value):
+        state, m = fn(state, step_lib.shard_batch(next(batches), mesh))
+    jax.block_until_ready(m)
+    padded = real = examples = 0
+    t0 = time.perf_counter()
+    for _ in range(_STEPS.value):
+        b = next(batches)
+        padded += b["attention_mask"].size
+        real += int(b["attention_mask"].sum())
+        examples += b["input_ids"].shape[0]
+        state, m = fn(state, step_lib.shard_batch(b, mesh))
+    jax.block_until_ready(m)
+    dt = time.perf_counter() - t0
+    print(f"devices            {mesh.size} x {jax.devices()[0].platform}")
+    print(f"first step (compile) {compile_s:.2f} s")
+    print(f"step               {dt / _STEPS.value:.3f} s (batch {config.batch_size})")
+    print(f"padded tokens/s    {padded / dt:,.0f}")
+    print(f"real tokens/s      {real / dt:,.0f}")
+    print(f"examples/s         {examples / dt:,.1f}")
+    print(f"loss               {float(np.asarray(m['loss'])):.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
