@@ -309,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         export_dir = workdir / "export"
         meta = {"family": config.model.family, "hf_config": hf_config, "num_labels": num_labels,
                 "label_names": list(data.label_names), "pooling": config.model.pooling,
-                "max_length": config.data.max_length, "text_keys": list(config.data.text_keys),
+                "max_length": config.data.max_length, "text_keys": list(data.text_keys),
                 "step": best_step}
         if is_main:
             ckpt_lib.export_params(export_dir, jax.device_get(params), meta)

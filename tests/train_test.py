@@ -1,0 +1,180 @@
+"""End-to-end: a tiny BERT fine-tuned on CSV data the test writes, resumed, exported, used."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import common
+from ftjax import train
+from ftjax.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORDS = ("good great fine superb lovely fun bad awful dull boring poor sad the a movie film "
+         "was is very not plot acting").split()
+POS, NEG = WORDS[:6], WORDS[6:12]
+
+
+def _write_vocab(folder: pathlib.Path) -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join(specials + WORDS) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    return folder
+
+
+def _write_csv(path: pathlib.Path, n: int, seed: int) -> pathlib.Path:
+    rs = np.random.RandomState(seed)
+    lines = ["text,label"]
+    for _ in range(n):
+        label = int(rs.randint(2))
+        words = rs.choice(POS if label else NEG, size=rs.randint(1, 4)).tolist()
+        filler = rs.choice(WORDS[12:], size=rs.randint(1, 6)).tolist()
+        lines.append(f"{' '.join(filler[:2] + words + filler[2:])},{'pos' if label else 'neg'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return {"vocab": _write_vocab(d / "tok"), "train": _write_csv(d / "train.csv", 96, 0),
+            "dev": _write_csv(d / "dev.csv", 37, 1), "test": _write_csv(d / "test.csv", 21, 2),
+            "data_dir": d / "tfds"}
+
+
+def tiny_config(files, **overrides):
+    c = common.base_config()
+    c.model.variant = "tiny"
+    c.model.tokenizer = str(files["vocab"])
+    c.data.name = "local_text"
+    c.data.data_dir = str(files["data_dir"])
+    c.data.files.train, c.data.files.dev = str(files["train"]), str(files["dev"])
+    c.data.files.test = str(files["test"])
+    c.data.max_length = 16
+    c.data.bucket_lengths = (8, 16)
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.total_steps = 6
+    c.eval_every_steps = 3
+    c.checkpoint_every_steps = 3
+    c.log_every_steps = 1
+    c.optimizer.lr = 1e-3
+    c.progress_bar = False
+    for k, v in overrides.items():
+        node = c
+        *parents, last = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = v
+    return c.lock()
+
+
+@pytest.fixture(scope="module")
+def run(files, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    summary = train.train_and_evaluate(tiny_config(files), str(workdir))
+    return workdir, summary
+
+
+def test_summary_metrics_and_export(run):
+    workdir, summary = run
+    on_disk = json.loads((workdir / "summary.json").read_text())
+    assert on_disk["final_step"] == summary["final_step"] == 6
+    for key in ("total_params", "trainable_params", "dev", "test", "train_time_s", "examples_per_s"):
+        assert on_disk[key] is not None, key
+    assert summary["trainable_params"] == summary["total_params"] > 0
+    # every dev/test example counted, although 37 and 21 are not multiples of 16
+    assert summary["dev"]["num_examples"] == 37
+    assert summary["test"]["num_examples"] == 21
+    assert 0.0 <= summary["dev"]["accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["train/loss"]) and "lr" in r and "examples_per_s" in r
+               for r in rows if "train/loss" in r)
+    assert [r["step"] for r in rows if "dev/accuracy" in r] == [3, 6]
+    assert (workdir / "export" / "meta.json").exists() or any((workdir / "export").iterdir())
+    assert list((workdir / "tensorboard").iterdir())
+
+
+def test_rerun_continues_from_the_checkpoint(run, files):
+    workdir, _ = run
+    summary = train.train_and_evaluate(tiny_config(files, total_steps=9), str(workdir))
+    assert summary["start"].startswith("resumed") and summary["final_step"] == 9
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_init_from_export_reloads_the_head(run, files, tmp_path):
+    workdir, summary = run
+    c = tiny_config(files, init_from=str(workdir), total_steps=1, eval_every_steps=1,
+                    **{"optimizer.lr": 0.0, "schedule.warmup_steps": 0})
+    out = train.train_and_evaluate(c, str(tmp_path / "again"))
+    assert out["start"].startswith("initialised from")
+    # lr 0: the exported (best) params come back with their head, so dev metrics agree.
+    assert out["dev"]["loss"] == pytest.approx(summary["dev"]["loss"], abs=1e-4)
+
+
+def test_predict_prints_a_label_per_input(run):
+    workdir, _ = run
+    r = subprocess.run([sys.executable, "-m", "ftjax.predict", f"--workdir={workdir}",
+                        "great superb movie", "awful dull plot"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        label, prob, _ = line.split("\t")
+        assert label in ("neg", "pos") and 0.5 <= float(prob) <= 1.0
+
+
+def test_killed_run_continues_when_rerun(files, tmp_path):
+    """SIGKILL a CLI run after its first checkpoint; the same command finishes it."""
+    workdir = tmp_path / "w"
+    args = [sys.executable, "-m", "ftjax.main", f"--config={ROOT}/configs/bert_sst2.py:demo",
+            f"--workdir={workdir}"]
+    overrides = {"model.pretrained": "", "model.variant": "tiny", "model.tokenizer": str(files["vocab"]),
+                 "data.name": "local_text", "data.data_dir": str(files["data_dir"]),
+                 "data.files.train": str(files["train"]), "data.files.dev": str(files["dev"]),
+                 "data.max_length": 16, "batch_size": 16, "num_epochs": 40.0,
+                 "checkpoint_every_steps": 5, "eval_every_steps": 100, "progress_bar": False,
+                 "eval_batch_size": 16}
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = workdir / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["final_step"] == 40 * (96 // 16)
+
+
+@pytest.mark.parametrize("override,words", [
+    ({"data.files.train": "/no/such/file.csv"}, "/no/such/file.csv"),
+    ({"data.text_column": "sentence"}, "sentence"),
+    ({"data.label_names": ("neg",)}, "pos"),
+    ({"num_epochs": 1.0}, "exactly one of"),
+    ({"batch_size": 12}, "divisible"),
+])
+def test_bad_input_is_one_clear_line(files, tmp_path, override, words):
+    with pytest.raises(UserError) as e:
+        train.train_and_evaluate(tiny_config(files, **override), str(tmp_path / "w"))
+    assert words in str(e.value) and "\n" not in str(e.value)
