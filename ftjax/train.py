@@ -285,6 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         side_time += time.perf_counter() - t_side
         window_t += side_time - side_before  # keep compile, eval and saves out of throughput
     train_time = train_time_now()
+    if hasattr(batches, "close"):  # grain worker processes hold shared memory
+        batches.close()
     bar.close()
     checkpointer.wait()
 
