@@ -2,9 +2,9 @@
 
   python benchmarks/train_throughput.py [--config=configs/bert_sst2.py:demo] [--steps=20]
 
-Prints the compile time of the first step and, over the next --steps real batches of
-the config's train split (dynamic padding, so several bucket shapes compile during
-warm-up), the padded tokens/s, real tokens/s and examples/s.
+Runs real batches of the config's train split. With dynamic padding the first batch of
+each length compiles: those steps make up the compile time. Over --steps further
+batches (steady state) it prints padded tokens/s, real tokens/s and examples/s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bert_sst2.py:demo", "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after warm-up.")
-_WARMUP = flags.DEFINE_integer("warmup", 12, "Untimed steps first (compiles every bucket seen).")
 
 
 def main(argv):
@@ -50,25 +49,30 @@ def main(argv):
                                                           accum_steps=config.accum_steps),
                                  mesh, jax.tree.map(lambda _: rep, state))
     batches = data.train_batches(start_step=0)
-    t0 = time.perf_counter()
-    state, m = fn(state, step_lib.shard_batch(next(batches), mesh))
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    for _ in range(_WARMUP.value):
-        state, m = fn(state, step_lib.shard_batch(next(batches), mesh))
-    jax.block_until_ready(m)
+    # Dynamic padding: the first step of each new length compiles. Those steps count as
+    # compile time; the rest are the steady state.
+    seen, compile_s = set(), 0.0
     padded = real = examples = 0
-    t0 = time.perf_counter()
-    for _ in range(_STEPS.value):
+    steady_s, timed = 0.0, 0
+    while timed < _STEPS.value:
         b = next(batches)
+        t0 = time.perf_counter()
+        state, m = fn(state, step_lib.shard_batch(b, mesh))
+        jax.block_until_ready(m)
+        dt_step = time.perf_counter() - t0
+        length = b["input_ids"].shape[1]
+        if length not in seen:
+            seen.add(length)
+            compile_s += dt_step
+            continue
+        timed += 1
+        steady_s += dt_step
         padded += b["attention_mask"].size
         real += int(b["attention_mask"].sum())
         examples += b["input_ids"].shape[0]
-        state, m = fn(state, step_lib.shard_batch(b, mesh))
-    jax.block_until_ready(m)
-    dt = time.perf_counter() - t0
+    dt = steady_s
     print(f"devices            {mesh.size} x {jax.devices()[0].platform}")
-    print(f"first step (compile) {compile_s:.2f} s")
+    print(f"compile            {compile_s:.2f} s for {len(seen)} lengths {sorted(seen)}")
     print(f"step               {dt / _STEPS.value:.3f} s (batch {config.batch_size})")
     print(f"padded tokens/s    {padded / dt:,.0f}")
     print(f"real tokens/s      {real / dt:,.0f}")

@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_limit = placeholder(int)  # use the first N train examples (smoke tests)
     c.data.eval_limit = placeholder(int)   # use the first N eval examples (smoke tests)
     c.data.shuffle_buffer = 0              # 0: full per-epoch shuffle of the index
+    # >0: sort each chunk of this many shuffled batches by length before batching
+    # (far less padding; batches are still shuffled). 0: plain random batches.
+    c.data.group_by_length = 0
     c.data.num_workers = 0                 # grain worker processes (0 = in-process)
     # local_text builder (data.name == "local_text"): paths of CSV/TSV/JSONL files.
     c.data.files = ml_collections.ConfigDict()

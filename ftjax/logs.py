@@ -10,6 +10,11 @@ from typing import Any
 from etils import epath
 
 
+def info(message: str) -> None:
+    """A run message for the user (stderr, above the progress bar)."""
+    print(f"ftjax: {message}", file=sys.stderr, flush=True)
+
+
 class MetricWriter:
     """Appends one JSON object per logged step to W/metrics.jsonl and mirrors to TensorBoard."""
 

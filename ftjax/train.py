@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
 
 from ftjax import checkpoint as ckpt_lib
@@ -19,7 +18,7 @@ from ftjax import optim
 from ftjax import step as step_lib
 from ftjax import tree as tree_lib
 from ftjax.errors import UserError
-from ftjax.logs import MetricWriter, ProgressBar
+from ftjax.logs import MetricWriter, ProgressBar, info
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -131,6 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
         from ftjax import assets
         tok_dir = assets.resolve_model_dir(config.model.pretrained)
+    tok_dir = epath.Path(tok_dir)
     tokenizer = tok_lib.load_tokenizer(tok_dir)
     data = pipeline.TextData(config, tokenizer, process_index=jax.process_index(),
                              process_count=jax.process_count())
@@ -150,8 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_params = tree_lib.count_params(param_shapes)
     trainable_params = optim.trainable_count(param_shapes, config.optimizer.trainable)
     if is_main:
-        logging.info("parameters by trainable rule:\n%s",
-                     optim.format_rule_table(param_shapes, config.optimizer.trainable))
+        info("parameters by trainable rule:\n" + optim.format_rule_table(param_shapes, config.optimizer.trainable))
 
     def make_state(params):
         return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -189,8 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = jax.jit(make_state, out_shardings=rep)(params)
     start = int(state.step)
     if is_main:
-        logging.info("start: %s; %d steps (%d a epoch), %s devices", start_from, total,
-                     data.steps_per_epoch, mesh.size)
+        info(f"start: {start_from}; {total} steps ({data.steps_per_epoch} an epoch) on {mesh.size} "
+             f"{jax.devices()[0].platform} device(s)")
 
     state_sharding = jax.tree.map(lambda _: rep, state_shapes)
     train_step = step_lib.jit_train_step(
@@ -271,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 bad_evals += 1
             if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
                 stopped_early = True
-                logging.info("early stop at step %d: no dev %s gain in %d evals", step, config.metric, bad_evals)
+                info(f"early stop at step {step}: no dev {config.metric} gain in {bad_evals} evals")
             side_time += time.perf_counter() - t_side
             t_side = time.perf_counter()
             train_time = train_time_now()

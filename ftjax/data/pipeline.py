@@ -56,6 +56,36 @@ def epoch_order(n: int, seed: int, epoch: int, window: int = 0) -> np.ndarray:
     return np.concatenate([s + rng.permutation(min(window, n - s)) for s in starts])
 
 
+def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, group: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Reorders an epoch so each batch holds examples of similar length.
+
+    The shuffled `order` is cut into chunks of `group` batches; each chunk is sorted
+    by token length (ties broken at random) and cut into batches, and the batches of
+    the whole epoch are then shuffled. Padding shrinks to a few tokens a batch while
+    every batch stays a random draw of its length range.
+
+    Args:
+      order: a shuffled permutation of the train indices.
+      lengths: token length of every train example (indexed by example).
+      batch_size: global batch size.
+      group: batches per sorted chunk.
+      rng: seeded by (seed, epoch), for tie-breaks and the batch shuffle.
+
+    Returns:
+      The reordered permutation; whole batches first, the remainder (dropped by the
+      trainer, < batch_size) last.
+    """
+    full = len(order) // batch_size * batch_size
+    chunk = batch_size * group
+    parts = []
+    for start in range(0, full, chunk):
+        idx = order[start:min(start + chunk, full)]
+        parts.append(idx[np.lexsort((rng.random(idx.size), lengths[idx]))])
+    batches = np.concatenate(parts).reshape(-1, batch_size) if parts else np.zeros((0, batch_size), np.int64)
+    return np.concatenate([batches[rng.permutation(len(batches))].reshape(-1), order[full:]])
+
+
 def _to_str(value: Any) -> str:
     if isinstance(value, (bytes, np.bytes_)):
         return value.decode("utf-8")
@@ -79,6 +109,17 @@ class _Batcher:
         self.buckets = data._buckets
         self.process_index = data._process_index
         self.process_count = data._process_count
+
+    def lengths(self, n: int) -> np.ndarray:
+        """Token lengths of examples 0..n-1 (for grouping batches by length)."""
+        out = np.zeros(n, np.int32)
+        for start in range(0, n, 2048):
+            records = [self.source[i] for i in range(start, min(start + 2048, n))]
+            texts = [[_to_str(r[k]) for r in records] for k in self.text_keys]
+            encoded = self.tokenizer.encode(texts[0], texts[1] if len(texts) > 1 else None,
+                                            self.max_length)
+            out[start:start + len(records)] = [len(ids) for ids, _ in encoded]
+        return out
 
     def __call__(self, indices: np.ndarray, mask: np.ndarray | None) -> Batch:
         idx = [int(i) for i in indices]
@@ -116,27 +157,42 @@ class _TrainStep:
     """Global step -> this process's slice of that step's batch."""
 
     def __init__(self, batcher: _Batcher, n: int, batch_size: int, steps_per_epoch: int,
-                 seed: int, window: int):
+                 seed: int, window: int, group: int = 0):
         self.batcher, self.n, self.batch_size = batcher, n, batch_size
         self.steps_per_epoch, self.seed, self.window = steps_per_epoch, seed, window
+        self.group = group
+        self._lengths: np.ndarray | None = None
         self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example order of `epoch` (a function of seed and epoch only)."""
+        order = epoch_order(self.n, self.seed, epoch, self.window)
+        if self.group > 0:
+            if self._lengths is None:
+                self._lengths = self.batcher.lengths(self.n)
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed % (1 << 32), epoch, 0x6A0B]))
+            order = group_by_length(order, self._lengths, self.batch_size, self.group, rng)
+        return order
 
     def __call__(self, step: int) -> Batch:
         epoch, i = divmod(int(step), self.steps_per_epoch)
         cached = self._order
         if cached is None or cached[0] != epoch:
-            cached = self._order = (epoch, epoch_order(self.n, self.seed, epoch, self.window))
+            cached = self._order = (epoch, self.order(epoch))
         return self.batcher(cached[1][i * self.batch_size:(i + 1) * self.batch_size], None)
 
 
 class _EvalStep:
     """Eval batch index -> this process's slice; the last batch is padded with mask 0."""
 
-    def __init__(self, batcher: _Batcher, n: int, batch_size: int):
+    def __init__(self, batcher: _Batcher, n: int, batch_size: int, by_length: bool = False):
         self.batcher, self.n, self.batch_size = batcher, n, batch_size
+        # Metrics do not depend on order: sorting by length only removes padding.
+        self.order = (np.argsort(batcher.lengths(n), kind="stable") if by_length
+                      else np.arange(n))
 
     def __call__(self, i: int) -> Batch:
-        indices = np.arange(i * self.batch_size, min((i + 1) * self.batch_size, self.n))
+        indices = self.order[i * self.batch_size:min((i + 1) * self.batch_size, self.n)]
         mask = np.zeros(self.batch_size, np.float32)
         mask[:indices.size] = 1
         # Dummy rows repeat example 0: a real input keeps pooling and losses finite.
@@ -181,6 +237,7 @@ class TextData:
         self._buckets = bucket_lengths(d.bucket_lengths, self._max_length)
         self._process_index, self._process_count = process_index, process_count
         self._seed, self._window = int(config.seed), int(d.shuffle_buffer)
+        self._group = int(d.group_by_length)
         self._batch_size, self._eval_batch_size = config.batch_size, config.eval_batch_size
         self._num_workers = int(d.num_workers)
         self.label_names: list[str] = list(self._sources.label_names)
@@ -240,7 +297,7 @@ class TextData:
           worker processes: call its `close()` when done.
         """
         fn = _TrainStep(_Batcher(self, "train"), self._sizes["train"], self._batch_size,
-                        self.steps_per_epoch, self._seed, self._window)
+                        self.steps_per_epoch, self._seed, self._window, self._group)
         return self._iterate(grain.MapDataset.range(int(start_step), _FOREVER).map(fn),
                              self._num_workers)
 
@@ -259,7 +316,7 @@ class TextData:
           for real examples, 0 for the padding rows of the last batch).
         """
         n = self.num_examples(split)
-        fn = _EvalStep(_Batcher(self, split), n, self._eval_batch_size)
+        fn = _EvalStep(_Batcher(self, split), n, self._eval_batch_size, by_length=self._group > 0)
         # In-process always: an eval pass is short, and starting worker processes for
         # each one would cost more (~2 s) than it saves.
         return self._iterate(grain.MapDataset.range(self.num_eval_batches(split)).map(fn), 0)
