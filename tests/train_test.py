@@ -114,7 +114,8 @@ def test_rerun_continues_from_the_checkpoint(run, files):
 
 
 def test_init_from_export_reloads_the_head(run, files, tmp_path):
-    workdir, summary = run
+    workdir, _ = run
+    summary = json.loads((workdir / "summary.json").read_text())  # of the latest run in workdir
     c = tiny_config(files, init_from=str(workdir), total_steps=1, eval_every_steps=1,
                     **{"optimizer.lr": 0.0, "schedule.warmup_steps": 0})
     out = train.train_and_evaluate(c, str(tmp_path / "again"))
