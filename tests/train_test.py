@@ -179,3 +179,31 @@ def test_bad_input_is_one_clear_line(files, tmp_path, override, words):
     with pytest.raises(UserError) as e:
         train.train_and_evaluate(tiny_config(files, **override), str(tmp_path / "w"))
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_early_stopping_by_patience(files, tmp_path):
+    # lr 0: the dev metric never improves after the first eval, so patience 1 stops at the second.
+    c = tiny_config(files, total_steps=12, eval_every_steps=2, early_stopping_patience=1,
+                    **{"optimizer.lr": 0.0, "schedule.warmup_steps": 0})
+    summary = train.train_and_evaluate(c, str(tmp_path / "w"))
+    assert summary["stopped_early"] and summary["final_step"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dev/accuracy" in r] == [2, 4]
+
+
+def test_regression_head_reports_correlations(files, tmp_path):
+    d = tmp_path / "reg"
+    d.mkdir()
+    rs = np.random.RandomState(0)
+    for name, n in (("train", 48), ("dev", 20)):
+        rows = ["text,score"]
+        for _ in range(n):
+            k = int(rs.randint(0, 4))
+            rows.append(f"{' '.join(['great'] * k + ['movie'])},{k * 0.5}")
+        (d / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    c = tiny_config(files, **{"data.files.train": str(d / "train.csv"), "data.files.dev": str(d / "dev.csv"),
+                              "data.files.test": None, "data.regression": True, "data.label_column": "score",
+                              "data.data_dir": str(d / "tfds"), "metric": "pearson"})
+    summary = train.train_and_evaluate(c, str(tmp_path / "w"))
+    assert set(summary["dev"]) >= {"pearson", "spearman", "mse", "num_examples"}
+    assert summary["dev"]["num_examples"] == 20 and summary["test"] is None
