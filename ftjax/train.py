@@ -87,8 +87,10 @@ def evaluate(eval_step, params, data, split: str, mesh, num_labels: int) -> dict
     for batch in data.eval_batches(split):
         inputs = {k: batch[k] for k in step_lib.INPUT_KEYS}
         logits = step_lib.to_host(eval_step(params, step_lib.shard_batch(inputs, mesh)))
-        labels = step_lib.to_host(step_lib.shard_batch({"x": batch["label"]}, mesh)["x"])
-        mask = step_lib.to_host(step_lib.shard_batch({"x": batch["mask"]}, mesh)["x"])
+        labels, mask = batch["label"], batch["mask"]
+        if jax.process_count() > 1:  # each process holds its rows only: gather all of them
+            rows = step_lib.shard_batch({"label": labels, "mask": mask}, mesh)
+            labels, mask = step_lib.to_host(rows["label"]), step_lib.to_host(rows["mask"])
         metrics.update(logits, labels, mask)
     return metrics.result()
 

@@ -90,7 +90,8 @@ def test_rotten_tomatoes_asset_split(tmp_path):
     builder = builders.prepare(lambda: rotten_tomatoes.make_builder(
         os.path.join(folder, rotten_tomatoes.SOURCE_FILE), str(tmp_path)), str(tmp_path))
     rows = {s: _read_split(builder, s) for s in ("train", "dev", "test")}
-    assert {s: len(r) for s, r in rows.items()} == {"train": 10192, "dev": 1323, "test": 1293}
+    # the split of the reference HF PyTorch run (../shared/ASSETS.md)
+    assert {s: len(r) for s, r in rows.items()} == {"train": 10183, "dev": 1267, "test": 1358}
     movies = {s: {_s(r["movie"]) for r in rs} for s, rs in rows.items()}
     assert sum(map(len, movies.values())) == len(set().union(*movies.values())) == 508
     labels = [int(r["label"]) for rs in rows.values() for r in rs]
