@@ -46,6 +46,10 @@ def get_config(arg: str | None = None):
         # Snippets average ~25 word pieces: 64 tokens covers them, and short buckets
         # keep a 2-core CPU step well under a second.
         c.model.pretrained = "asset:minilm"
+        # all-MiniLM-L6-v2 was trained as a mean-pooled sentence encoder: its [CLS]
+        # pooler is untrained for that use (pooler: dev 0.804, mean: 0.815 on a
+        # seed-0 numpy movie split, same budget).
+        c.model.pooling = "mean"
         c.data.name = "rotten_tomatoes"
         c.data.text_keys = ("text",)
         c.data.train_split, c.data.dev_split, c.data.test_split = "train", "dev", "test"
