@@ -59,7 +59,7 @@ def _jsonable(v: Any) -> Any:
 
 
 class ProgressBar:
-    """tqdm bar with step, loss, throughput and ETA; silent when disabled or not a TTY-less CI."""
+    """tqdm bar with step, loss, throughput and ETA (process 0, when config.progress_bar)."""
 
     def __init__(self, total: int, start: int, enabled: bool = True):
         self._bar = None
