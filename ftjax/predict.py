@@ -67,6 +67,9 @@ class Predictor:
 
 
 def main(argv):
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     texts = argv[1:]
     if not texts:
         raise app.UsageError('give one or more texts: python -m ftjax.predict --workdir=W "text" ...')
