@@ -61,12 +61,7 @@ def _config(files, **overrides):
     c.data.max_length = 16
     c.data.bucket_lengths = (4, 8, 12)
     c.batch_size, c.eval_batch_size = 8, 8
-    for key, value in overrides.items():
-        *parents, leaf = key.split("__")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})
     return c.lock()
 
 

@@ -68,12 +68,7 @@ def tiny_config(files, **overrides):
     c.log_every_steps = 1
     c.optimizer.lr = 1e-3
     c.progress_bar = False
-    for k, v in overrides.items():
-        node = c
-        *parents, last = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c.lock()
 
 

@@ -74,7 +74,6 @@ def _layer_norm(cfg: BertConfig, name: str, dtype) -> nn.LayerNorm:
 
 class SelfAttention(nn.Module):
     config: BertConfig
-    dropout: float
     attention_dropout: float
     dtype: Any = jnp.float32
 
@@ -103,7 +102,7 @@ class Layer(nn.Module):
     def __call__(self, x, bias, *, train: bool):
         cfg = self.config
         drop = nn.Dropout(self.dropout, deterministic=not train)
-        attn = SelfAttention(cfg, self.dropout, self.attention_dropout, self.dtype, name="attention")(
+        attn = SelfAttention(cfg, self.attention_dropout, self.dtype, name="attention")(
             x, bias, train=train)
         x = _layer_norm(cfg, "attention_LayerNorm", self.dtype)(x + drop(attn))
         h = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate", self.dtype)(x))
