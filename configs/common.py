@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- schedule & optimiser -------------------------------------------------
     c.batch_size = 32                  # global batch size (examples per optimizer step)
     c.accum_steps = 1                  # gradient accumulation micro-steps per optimizer step
-    c.num_epochs = placeholder(float)  # exactly one of num_epochs / total_steps
+    c.num_epochs = placeholder(float)  # duration: num_epochs, or total_steps (which wins if both set)
     c.total_steps = placeholder(int)
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"         # "adamw", "adam", "sgd" (momentum), "adafactor"

@@ -25,9 +25,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spec
 
 def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, int]:
     """Turns every duration of the config into optimizer steps, in one place."""
-    if (config.num_epochs is None) == (config.total_steps is None):
-        raise UserError("set exactly one of config.num_epochs and config.total_steps "
-                        f"(got num_epochs={config.num_epochs}, total_steps={config.total_steps})")
+    # total_steps, when set, wins: `--config.total_steps=N` works on any config.
+    if config.num_epochs is None and config.total_steps is None:
+        raise UserError("set config.num_epochs or config.total_steps (total_steps wins when both are set)")
     if config.total_steps is not None:
         total = int(config.total_steps)
     else:

@@ -167,7 +167,7 @@ def test_killed_run_continues_when_rerun(files, tmp_path):
     ({"data.files.train": "/no/such/file.csv"}, "/no/such/file.csv"),
     ({"data.text_column": "sentence"}, "sentence"),
     ({"data.label_names": ("neg",)}, "pos"),
-    ({"num_epochs": 1.0}, "exactly one of"),
+    ({"total_steps": None}, "set config.num_epochs or config.total_steps"),
     ({"batch_size": 12}, "divisible"),
 ])
 def test_bad_input_is_one_clear_line(files, tmp_path, override, words):
