@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from ftjax.errors import UserError
 from ftjax.models import bert, heads
+from ftjax.models.layers import Peft
 
 # Small enough that a train step compiles in about a second on a CPU.
 TINY_BERT = {
@@ -44,7 +45,7 @@ def variant_config(family: str, variant: str) -> dict[str, Any]:
 
 def create_classifier(family: str, hf_config: dict[str, Any], *, num_labels: int, pooling: str = "pooler",
                       dropout: float | None = None, head_dropout: float | None = None,
-                      dtype: str = "float32") -> heads.SequenceClassifier:
+                      dtype: str = "float32", peft: Peft = Peft()) -> heads.SequenceClassifier:
     """A sequence classifier (or regressor, num_labels=1) over an encoder family.
 
     Args:
@@ -55,6 +56,7 @@ def create_classifier(family: str, hf_config: dict[str, Any], *, num_labels: int
       dropout: encoder hidden dropout; None keeps the config's.
       head_dropout: dropout before the head; None uses the encoder's hidden dropout.
       dtype: compute dtype name, "float32" or "bfloat16".
+      peft: model-side options of the fine-tuning method (e.g. LoRA).
 
     Returns:
       The Linen module; params are {family: ..., "head": {"kernel", "bias"}}.
@@ -70,4 +72,4 @@ def create_classifier(family: str, hf_config: dict[str, Any], *, num_labels: int
     return heads.SequenceClassifier(
         family=family, encoder_config=cfg, num_labels=num_labels, pooling=pooling, dropout=dropout,
         head_dropout=hidden_dropout if head_dropout is None else head_dropout,
-        initializer_range=cfg.initializer_range, dtype=_DTYPES[dtype])
+        initializer_range=cfg.initializer_range, dtype=_DTYPES[dtype], peft=peft)

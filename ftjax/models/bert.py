@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import UserError
+from ftjax.models.layers import Dense, Peft
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -63,9 +64,9 @@ class BertConfig:
         return cfg
 
 
-def _dense(cfg: BertConfig, features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(features, name=name, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(cfg.initializer_range))
+def _dense(cfg: BertConfig, features: int, name: str, dtype, peft: Peft) -> Dense:
+    return Dense(features, name=name, dtype=dtype, peft=peft,
+                 kernel_init=nn.initializers.normal(cfg.initializer_range))
 
 
 def _layer_norm(cfg: BertConfig, name: str, dtype) -> nn.LayerNorm:
@@ -76,20 +77,22 @@ class SelfAttention(nn.Module):
     config: BertConfig
     attention_dropout: float
     dtype: Any = jnp.float32
+    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, x, bias, *, train: bool):
         cfg = self.config
         heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         split = lambda t: t.reshape(*t.shape[:-1], heads, width)  # noqa: E731
-        q = split(_dense(cfg, cfg.hidden_size, "query", self.dtype)(x))
-        k = split(_dense(cfg, cfg.hidden_size, "key", self.dtype)(x))
-        v = split(_dense(cfg, cfg.hidden_size, "value", self.dtype)(x))
+        dense = lambda name: _dense(cfg, cfg.hidden_size, name, self.dtype, self.peft)  # noqa: E731
+        q = split(dense("query")(x, train=train))
+        k = split(dense("key")(x, train=train))
+        v = split(dense("value")(x, train=train))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width)
         probs = jax.nn.softmax(scores + bias, axis=-1)
         probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
-        return _dense(cfg, cfg.hidden_size, "out", self.dtype)(ctx)
+        return dense("out")(ctx, train=train)
 
 
 class Layer(nn.Module):
@@ -97,16 +100,18 @@ class Layer(nn.Module):
     dropout: float
     attention_dropout: float
     dtype: Any = jnp.float32
+    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, x, bias, *, train: bool):
         cfg = self.config
         drop = nn.Dropout(self.dropout, deterministic=not train)
-        attn = SelfAttention(cfg, self.attention_dropout, self.dtype, name="attention")(
+        attn = SelfAttention(cfg, self.attention_dropout, self.dtype, self.peft, name="attention")(
             x, bias, train=train)
         x = _layer_norm(cfg, "attention_LayerNorm", self.dtype)(x + drop(attn))
-        h = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate", self.dtype)(x))
-        h = _dense(cfg, cfg.hidden_size, "output", self.dtype)(h)
+        h = _dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, self.peft)(x, train=train)
+        h = _dense(cfg, cfg.hidden_size, "output", self.dtype, self.peft)(_ACTIVATIONS[cfg.hidden_act](h),
+                                                                         train=train)
         return _layer_norm(cfg, "output_LayerNorm", self.dtype)(x + drop(h))
 
 
@@ -134,12 +139,13 @@ class Encoder(nn.Module):
     dropout: float
     attention_dropout: float
     dtype: Any = jnp.float32
+    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, x, bias, *, train: bool):
         for i in range(self.config.num_hidden_layers):
-            x = Layer(self.config, self.dropout, self.attention_dropout, self.dtype, name=f"layer_{i}")(
-                x, bias, train=train)
+            x = Layer(self.config, self.dropout, self.attention_dropout, self.dtype, self.peft,
+                      name=f"layer_{i}")(x, bias, train=train)
         return x
 
 
@@ -150,11 +156,13 @@ class BertModel(nn.Module):
       config: the encoder's BertConfig.
       dtype: compute dtype (parameters stay float32).
       dropout_override: replaces hidden_dropout_prob when set.
+      peft: parameter-efficient additions (LoRA) switched on by a method.
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
     dropout_override: float | None = None
+    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -169,7 +177,7 @@ class BertModel(nn.Module):
         x = Embeddings(cfg, dropout, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
         # Padding keys get a large negative bias (float32, so bf16 compute cannot overflow it).
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
-        x = Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, name="encoder")(
+        x = Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")(
             x, bias, train=train)
-        pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", self.dtype)(x[:, 0]))
+        pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", self.dtype, self.peft)(x[:, 0], train=train))
         return x, pooled

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftjax.models import bert
+from ftjax.models.layers import Peft
 
 POOLINGS = ("pooler", "cls", "mean")
 # family -> encoder module; the module is created under the family's name ("bert/...").
@@ -36,12 +37,13 @@ class SequenceClassifier(nn.Module):
     head_dropout: float = 0.1
     initializer_range: float = 0.02
     dtype: Any = jnp.float32
+    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
         """Returns float32 logits [B, num_labels]."""
         encoder = ENCODERS[self.family](self.encoder_config, dtype=self.dtype,
-                                        dropout_override=self.dropout, name=self.family)
+                                        dropout_override=self.dropout, peft=self.peft, name=self.family)
         seq, pooled = encoder(input_ids, attention_mask, token_type_ids, train=train)
         if self.pooling == "cls":
             pooled = seq[:, 0]
