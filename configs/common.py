@@ -36,6 +36,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dont_load = ("head/.*",)    # regexes of params not taken from pretrained weights
     c.init_from = placeholder(str)      # a workdir or export dir of a previous ftjax run
 
+    # ---- fine-tuning method (ftjax/methods/) ----------------------------------
+    c.method = "full"  # full, linear_probe, freeze, bitfit, layernorm, lora
+    c.method_args = ml_collections.ConfigDict()
+    c.method_args.freeze = ()               # freeze: regexes of params to freeze
+    c.method_args.freeze_bottom_k = 0       # freeze: embeddings + the bottom k layers
+    c.method_args.layerwise_lr_decay = 1.0  # any method: lr x decay^(depth from the top)
+    c.method_args.lora_rank = 8
+    c.method_args.lora_alpha = 16.0
+    c.method_args.lora_dropout = 0.0
+    c.method_args.lora_targets = r".*/attention/(query|value)"  # regex on Dense module paths
+    c.method_args.lora_train_bias = False   # lora: also train biases (LoRA paper: no)
+
     # ---- data ---------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     # A TFDS name ("glue/sst2", "imdb_reviews"), "rotten_tomatoes" (ftjax builder over

@@ -93,7 +93,8 @@ def _base_direction(opt: ml_collections.ConfigDict) -> optax.GradientTransformat
     raise UserError(f"config.optimizer.name={opt.name!r} is not one of adamw, adam, sgd, adafactor")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
+                   trainable_rules=None, lr_rules=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule, list[tuple]]:
     """Builds the optimizer from the config's rule lists.
 
@@ -101,15 +102,19 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
       config: the experiment config.
       params: the parameter tree (only its paths and shapes are used).
       total_steps: optimizer steps of the run, for the schedule.
+      trainable_rules: replaces `config.optimizer.trainable` (e.g. a method's rules).
+      lr_rules: replaces `config.optimizer.lr_rules`.
 
     Returns:
       (tx, schedule, table) where table rows are (rule, value, n_params) for the
       trainable rules, for logging.
     """
     opt = config.optimizer
+    trainable_rules = opt.trainable if trainable_rules is None else trainable_rules
+    lr_rules = opt.lr_rules if lr_rules is None else lr_rules
     try:
-        trainable = tree_lib.tree_from_rules(params, opt.trainable)
-        lr_mults = tree_lib.tree_from_rules(params, opt.lr_rules)
+        trainable = tree_lib.tree_from_rules(params, trainable_rules)
+        lr_mults = tree_lib.tree_from_rules(params, lr_rules)
         wd_mults = tree_lib.tree_from_rules(params, opt.wd_rules)
     except ValueError as e:  # a parameter no rule covers: a config mistake
         raise UserError(str(e)) from None
@@ -127,7 +132,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
     train_tx = optax.chain(*parts)
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
     tx = optax.multi_transform({"train": train_tx, "frozen": optax.set_to_zero()}, labels)
-    return tx, schedule, tree_lib.rule_table(params, opt.trainable)
+    return tx, schedule, tree_lib.rule_table(params, trainable_rules)
 
 
 def trainable_count(params: Any, rules) -> int:

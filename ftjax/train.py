@@ -74,10 +74,12 @@ def build_model(config: ml_collections.ConfigDict, num_labels: int):
     else:
         raise UserError("set config.model.pretrained (a folder, hub name or asset:NAME) "
                         "or config.model.variant for a model from scratch")
+    from ftjax import methods
+
     module = models.create_classifier(
         config.model.family, hf_config, num_labels=num_labels, pooling=config.model.pooling,
         dropout=config.model.dropout, head_dropout=config.model.head_dropout,
-        dtype=config.model.dtype)
+        dtype=config.model.dtype, peft=methods.peft(config))
     return module, hf_config, model_dir
 
 
@@ -113,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns:
       The summary dict also written to `workdir/summary.json`.
     """
-    from ftjax import models  # noqa: F401  (heavy imports kept out of module import time)
+    from ftjax import methods
     from ftjax.data import pipeline, tokenizer as tok_lib
 
     workdir = epath.Path(workdir)
@@ -147,12 +149,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rng = jax.random.key(config.seed)
     params_rng, state_rng = jax.random.split(rng)
     param_shapes = jax.eval_shape(init_fn, params_rng)
-    tx, schedule, _ = optim.make_optimizer(config, param_shapes, total)
-    trainable_mask = tree_lib.tree_from_rules(param_shapes, config.optimizer.trainable)
+    trainable_rules, lr_rules = methods.rules(config, int(hf_config["num_hidden_layers"]))
+    tx, schedule, _ = optim.make_optimizer(config, param_shapes, total, trainable_rules, lr_rules)
+    trainable_mask = tree_lib.tree_from_rules(param_shapes, trainable_rules)
     total_params = tree_lib.count_params(param_shapes)
-    trainable_params = optim.trainable_count(param_shapes, config.optimizer.trainable)
+    trainable_params = optim.trainable_count(param_shapes, trainable_rules)
     if is_main:
-        info("parameters by trainable rule:\n" + optim.format_rule_table(param_shapes, config.optimizer.trainable))
+        info(f"method {config.method}; parameters by trainable rule:\n"
+             + optim.format_rule_table(param_shapes, trainable_rules))
 
     def make_state(params):
         return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -177,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         params = init_fn(params_rng)
         if config.init_from:
             loaded, _ = ckpt_lib.load_export(config.init_from)
-            params = tree_lib.merge(loaded, params)
+            # Exports hold merged, plain models: new LoRA factors start fresh on top.
+            params = tree_lib.merge(loaded, params, dont_load=(r".*/lora_[ab]",))
             start_from = f"initialised from {config.init_from}"
         elif model_dir is not None:
             from ftjax import convert
@@ -306,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "examples_per_s": examples_seen / train_time if train_time else None,
         "tokens_per_s": tokens_seen / train_time if train_time else None,
         "stopped_early": stopped_early, "num_devices": mesh.size, "compile_s": compile_s,
+        "method": config.method,
         "label_names": list(data.label_names),
     }
     if config.export:
@@ -315,7 +321,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "max_length": config.data.max_length, "text_keys": list(data.text_keys),
                 "step": best_step}
         if is_main:
-            ckpt_lib.export_params(export_dir, jax.device_get(params), meta)
+            export = jax.device_get(params)
+            if config.method == "lora":  # a plain model: predict and init_from need no LoRA
+                export = methods.lora.merge(export, model.peft)
+            ckpt_lib.export_params(export_dir, export, meta)
             tok_out = export_dir / "tokenizer"
             tok_out.mkdir(parents=True, exist_ok=True)
             for name in TOKENIZER_FILES:

@@ -202,3 +202,19 @@ def test_regression_head_reports_correlations(files, tmp_path):
     summary = train.train_and_evaluate(c, str(tmp_path / "w"))
     assert set(summary["dev"]) >= {"pearson", "spearman", "mse", "num_examples"}
     assert summary["dev"]["num_examples"] == 20 and summary["test"] is None
+
+
+def test_lora_run_exports_a_merged_plain_model(files, tmp_path):
+    c = tiny_config(files, total_steps=2, eval_every_steps=2, method="lora",
+                    **{"method_args.lora_rank": 2})
+    summary = train.train_and_evaluate(c, str(tmp_path / "w"))
+    assert summary["method"] == "lora" and summary["trainable_params"] < summary["total_params"]
+    from ftjax import checkpoint as ckpt_lib
+    from ftjax import tree as tree_lib
+
+    params, _ = ckpt_lib.load_export(tmp_path / "w")
+    assert not [p for p in tree_lib.flatten(params) if "lora" in p]
+    # init_from the merged export into a full fine-tune: the strict merge accepts it
+    again = train.train_and_evaluate(tiny_config(files, total_steps=1, init_from=str(tmp_path / "w")),
+                                     str(tmp_path / "w2"))
+    assert again["start"].startswith("initialised from")

@@ -1,0 +1,59 @@
+"""Fine-tuning methods as plug-ins.
+
+A method is one module here with
+  trainable_rules(method_args, num_layers) -> [(regex, bool)]: what trains, in order;
+  peft(method_args) -> models.layers.Peft: what it adds to the model (LoRA, ...).
+It never touches the trainer. `config.method_args.layerwise_lr_decay` combines with any
+method: lr x decay^(depth from the top), the head and pooler at depth 0.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ftjax.errors import UserError
+from ftjax.methods import bitfit, freeze, full, layernorm, linear_probe, lora
+from ftjax.models.layers import Peft
+
+METHODS: dict[str, ModuleType] = {
+    "full": full,
+    "linear_probe": linear_probe,
+    "freeze": freeze,
+    "bitfit": bitfit,
+    "layernorm": layernorm,
+    "lora": lora,
+}
+
+
+def get(name: str) -> ModuleType:
+    if name not in METHODS:
+        raise UserError(f"unknown config.method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def layerwise_lr_rules(decay: float, num_layers: int) -> list[tuple[str, float]]:
+    """lr multipliers decay^(depth from the top): head/pooler 1, top layer decay, ... embeddings."""
+    if not 0 < decay <= 1:
+        raise UserError(f"method_args.layerwise_lr_decay={decay} must be in (0, 1]")
+    if decay == 1:
+        return []
+    rules = [(r"head/.*", 1.0), (r".*/pooler/.*", 1.0)]
+    rules += [(rf".*/layer_{i}/.*", decay ** (num_layers - i)) for i in range(num_layers)]
+    rules.append((r".*/embeddings/.*", decay ** (num_layers + 1)))
+    return rules
+
+
+def rules(config, num_layers: int) -> tuple[list, list]:
+    """(trainable rules, lr rules) of the config's method, before the config's own rules.
+
+    The config's `optimizer.trainable` / `optimizer.lr_rules` follow the method's, so
+    they apply to whatever the method leaves uncovered.
+    """
+    method = get(config.method)
+    trainable = list(method.trainable_rules(config.method_args, num_layers)) + list(config.optimizer.trainable)
+    lr = layerwise_lr_rules(float(config.method_args.layerwise_lr_decay), num_layers)
+    return trainable, lr + list(config.optimizer.lr_rules)
+
+
+def peft(config) -> Peft:
+    return get(config.method).peft(config.method_args)

@@ -1,0 +1,154 @@
+"""Fine-tuning methods: what trains, what stays bitwise frozen, closed-form counts, LoRA merge."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from ftjax import checkpoint as ckpt_lib
+from ftjax import methods, models, optim
+from ftjax import step as step_lib
+from ftjax import tree as tree_lib
+from ftjax.errors import UserError
+
+MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+          "intermediate_size": 1536, "max_position_embeddings": 512, "type_vocab_size": 2}
+
+
+def _config(method, **args):
+    c = common.base_config()
+    c.method = method
+    c.method_args.update(args)
+    c.optimizer.lr = 1e-2
+    c.schedule.warmup_steps = 0
+    return c
+
+
+def _shapes(hf, config, num_labels=2):
+    model = models.create_classifier("bert", hf, num_labels=num_labels, peft=methods.peft(config))
+    x = jnp.ones((1, 4), jnp.int32)
+    return model, jax.eval_shape(lambda: model.init(jax.random.key(0), x, x, x))["params"]
+
+
+def _trainable(hf, config):
+    _, shapes = _shapes(hf, config)
+    rules, _ = methods.rules(config, hf["num_hidden_layers"])
+    return optim.trainable_count(shapes, rules), tree_lib.count_params(shapes)
+
+
+HEAD = 384 * 2 + 2
+
+
+@pytest.mark.parametrize("method,args,expected", [
+    ("lora", {}, 6 * 2 * (384 * 8 + 8 * 384) + HEAD),  # r=8 on query and value
+    ("linear_probe", {}, HEAD),
+    ("bitfit", {}, 6 * (4 * 384 + 384 + 1536 + 384 + 384) + 384 + 384 + HEAD),
+    ("layernorm", {}, 6 * 2 * 2 * 384 + 2 * 384 + HEAD),
+])
+def test_trainable_counts_match_the_closed_form_on_minilm(method, args, expected):
+    n_train, _ = _trainable(MINILM, _config(method, **args))
+    assert n_train == expected
+
+
+def test_freeze_bottom_k_and_full():
+    full, total = _trainable(MINILM, _config("full"))
+    assert full == total
+    frozen, _ = _trainable(MINILM, _config("freeze", freeze_bottom_k=2))
+    embeddings = (30522 + 512 + 2) * 384 + 2 * 384
+    layer = 4 * (384 * 384 + 384) + 2 * 2 * 384 + 384 * 1536 + 1536 + 1536 * 384 + 384
+    assert frozen == total - embeddings - 2 * layer
+    with pytest.raises(UserError, match="freeze_bottom_k=7"):
+        _trainable(MINILM, _config("freeze", freeze_bottom_k=7))
+    with pytest.raises(UserError, match="unknown config.method 'lorax'"):
+        methods.get("lorax")
+
+
+def test_layerwise_lr_decay_multipliers():
+    c = _config("full", layerwise_lr_decay=0.5)
+    _, lr_rules = methods.rules(c, 2)
+    _, shapes = _shapes(models.TINY_BERT, c)
+    mults = tree_lib.flatten(tree_lib.tree_from_rules(shapes, lr_rules))
+    assert mults["head/kernel"] == 1.0 and mults["bert/pooler/kernel"] == 1.0
+    assert mults["bert/encoder/layer_1/attention/query/kernel"] == 0.5
+    assert mults["bert/encoder/layer_0/output/bias"] == 0.25
+    assert mults["bert/embeddings/word_embeddings/embedding"] == 0.125
+
+
+def _batch(n=8, length=6, seed=0):
+    rs = np.random.RandomState(seed)
+    return {"input_ids": rs.randint(5, 128, (n, length)).astype(np.int32),
+            "attention_mask": np.ones((n, length), np.int32),
+            "token_type_ids": np.zeros((n, length), np.int32),
+            "label": rs.randint(0, 2, (n,)).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return step_lib.make_mesh()
+
+
+@pytest.mark.parametrize("method,args", [
+    ("linear_probe", {}), ("freeze", {"freeze_bottom_k": 1}), ("bitfit", {}), ("layernorm", {}),
+    ("lora", {"lora_rank": 4}), ("full", {"layerwise_lr_decay": 0.8}),
+])
+def test_frozen_leaves_stay_bitwise_and_hold_no_moments(method, args, mesh, tmp_path):
+    c = _config(method, **args)
+    model, _ = _shapes(models.TINY_BERT, c)
+    b = _batch()
+    params = model.init(jax.random.key(0), b["input_ids"], b["attention_mask"], b["token_type_ids"])["params"]
+    trainable_rules, lr_rules = methods.rules(c, 2)
+    tx, _, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules)
+    mask = tree_lib.tree_from_rules(params, trainable_rules)
+    before = {k: np.asarray(v).copy() for k, v in tree_lib.flatten(params).items()}  # params get donated
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                rng=jax.random.key_data(jax.random.key(1)))
+    rep = step_lib.replicated(mesh)
+    state = jax.device_put(state, rep)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, num_labels=2, trainable=mask), mesh,
+                                 jax.tree.map(lambda _: rep, state))
+    for s in range(3):
+        state, _ = fn(state, step_lib.shard_batch(_batch(seed=s), mesh))
+    after, flags = tree_lib.flatten(state.params), tree_lib.flatten(mask)
+    assert (any(flags.values()) and not all(flags.values())) or method == "full"
+    for path, trains in flags.items():
+        unchanged = np.array_equal(before[path], np.asarray(after[path]))
+        assert unchanged != trains, path  # frozen: bitwise equal; trainable: moved
+    n_train = sum(np.size(before[p]) for p, t in flags.items() if t)
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if hasattr(x, "ndim") and x.ndim > 0)
+    assert moments == 2 * n_train  # Adam's mu and nu, for trainable leaves only
+    # and the state survives a checkpoint round trip
+    ck = ckpt_lib.Checkpointer(tmp_path, keep=1, keep_best=0, metric="accuracy", mode="max",
+                               fingerprint={"method": method})
+    ck.save(3, state, extra={}, force=True)
+    ck.wait()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
+    restored, _ = ck.restore(abstract)
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_lora_starts_as_the_base_model_and_merges_exactly():
+    c = _config("lora", lora_rank=4, lora_alpha=8.0)
+    lora_model, _ = _shapes(models.TINY_BERT, c)
+    base_model, _ = _shapes(models.TINY_BERT, _config("full"))
+    b = _batch()
+    inputs = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    params = lora_model.init(jax.random.key(0), *inputs)["params"]
+    flat = tree_lib.flatten(params)
+    assert sorted(p for p in flat if "lora" in p) == sorted(
+        f"bert/encoder/layer_{i}/attention/{m}/lora_{ab}" for i in (0, 1) for m in ("query", "value")
+        for ab in "ab")
+    base = tree_lib.unflatten({k: v for k, v in flat.items() if "lora" not in k})
+    np.testing.assert_array_equal(lora_model.apply({"params": params}, *inputs),
+                                  base_model.apply({"params": base}, *inputs))
+    # give B real values, then merging must keep the logits
+    rs = np.random.RandomState(0)
+    flat = {k: (rs.normal(size=v.shape).astype(np.float32) * 0.1 if k.endswith("lora_b") else v)
+            for k, v in flat.items()}
+    tuned = tree_lib.unflatten(flat)
+    merged = methods.lora.merge(tuned, lora_model.peft)
+    out_lora = lora_model.apply({"params": tuned}, *inputs)
+    out_merged = base_model.apply({"params": merged}, *inputs)
+    assert not np.allclose(out_lora, base_model.apply({"params": base}, *inputs), atol=1e-4)
+    np.testing.assert_allclose(out_merged, out_lora, atol=1e-5)
