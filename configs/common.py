@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = placeholder(str)      # a workdir or export dir of a previous ftjax run
 
     # ---- fine-tuning method (ftjax/methods/) ----------------------------------
-    c.method = "full"  # full, linear_probe, freeze, bitfit, layernorm, lora
+    c.method = "full"  # full, linear_probe, freeze, bitfit, layernorm, lora, ia3, adapter, prompt, prefix
     c.method_args = ml_collections.ConfigDict()
     c.method_args.freeze = ()               # freeze: regexes of params to freeze
     c.method_args.freeze_bottom_k = 0       # freeze: embeddings + the bottom k layers
@@ -47,6 +47,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.method_args.lora_dropout = 0.0
     c.method_args.lora_targets = r".*/attention/(query|value)"  # regex on Dense module paths
     c.method_args.lora_train_bias = False   # lora: also train biases (LoRA paper: no)
+    c.method_args.adapter_kind = "houlsby"  # adapter: houlsby (attention + FFN) or pfeiffer (FFN)
+    c.method_args.adapter_size = 64
+    c.method_args.adapter_init_std = 1e-2
+    c.method_args.prompt_tokens = 20        # prompt: soft tokens before the input
+    c.method_args.prompt_init = "vocab"     # prompt: vocab, text or random
+    c.method_args.prompt_init_text = ""
+    c.method_args.prefix_tokens = 10        # prefix: key/value prefixes per layer
+    c.method_args.prefix_reparam = 0        # prefix: MLP width (0: direct parameters)
 
     # ---- data ---------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -39,9 +39,12 @@ class Predictor:
         self.meta = meta
         self.labels = list(meta["label_names"])
         self.tokenizer = tok_lib.load_tokenizer(export_dir / "tokenizer")
+        from ftjax.models.layers import Peft
+
+        # Merged methods export plain models; adapters, prompts and prefixes keep theirs.
         model = models.create_classifier(
             meta["family"], meta["hf_config"], num_labels=meta["num_labels"], pooling=meta["pooling"],
-            dropout=None, head_dropout=None, dtype="float32")
+            dropout=None, head_dropout=None, dtype="float32", peft=Peft(**meta.get("peft", {})))
         self.params = params
         self._apply = jax.jit(lambda p, i, m, t: model.apply({"params": p}, i, m, t, train=False))
 

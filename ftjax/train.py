@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -20,6 +21,8 @@ from ftjax import tree as tree_lib
 from ftjax.errors import UserError
 from ftjax.logs import MetricWriter, ProgressBar, info
 
+# Parameters a fine-tuning method adds, which pretrained weights and plain exports lack.
+PEFT_PARAMS = (r".*/lora_[ab]", r".*/ia3_[a-z]+", r".*_adapter/.*", r".*/prompt", r".*/prefix/.*")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -181,16 +184,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         params = init_fn(params_rng)
         if config.init_from:
             loaded, _ = ckpt_lib.load_export(config.init_from)
-            # Exports hold merged, plain models: new LoRA factors start fresh on top.
-            params = tree_lib.merge(loaded, params, dont_load=(r".*/lora_[ab]",))
+            # Exports hold plain models where the method merges: method parameters the
+            # export lacks start fresh; those it has (adapters, prompts) are loaded.
+            present = tree_lib.flatten(loaded)
+            absent = tuple(p for p in PEFT_PARAMS if not any(tree_lib.any_match(k, (p,)) for k in present))
+            params = tree_lib.merge(loaded, params, dont_load=absent)
             start_from = f"initialised from {config.init_from}"
         elif model_dir is not None:
             from ftjax import convert
             loaded = convert.load_pretrained(model_dir, family=config.model.family)
-            params = tree_lib.merge(loaded, params, dont_load=tuple(config.model.dont_load))
+            # The method's own parameters (adapters, prompts, ...) are not in the checkpoint.
+            dont_load = tuple(config.model.dont_load) + PEFT_PARAMS
+            params = tree_lib.merge(loaded, params, dont_load=dont_load)
             start_from = f"pretrained {config.model.pretrained}"
         else:
             start_from = "scratch"
+        params = methods.post_load(config, params, tokenizer)
         params = jax.device_put(params, rep)
         state = jax.jit(make_state, out_shardings=rep)(params)
     start = int(state.step)
@@ -321,9 +330,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "max_length": config.data.max_length, "text_keys": list(data.text_keys),
                 "step": best_step}
         if is_main:
-            export = jax.device_get(params)
-            if config.method == "lora":  # a plain model: predict and init_from need no LoRA
-                export = methods.lora.merge(export, model.peft)
+            export = methods.merged_for_export(config, jax.device_get(params), model.peft)
+            if export is None:  # adapters, prompts, prefixes: the export keeps them
+                export = jax.device_get(params)
+                meta["method"] = config.method
+                meta["peft"] = dataclasses.asdict(model.peft)
             ckpt_lib.export_params(export_dir, export, meta)
             tok_out = export_dir / "tokenizer"
             tok_out.mkdir(parents=True, exist_ok=True)

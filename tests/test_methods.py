@@ -45,6 +45,13 @@ HEAD = 384 * 2 + 2
     ("linear_probe", {}, HEAD),
     ("bitfit", {}, 6 * (4 * 384 + 384 + 1536 + 384 + 384) + 384 + 384 + HEAD),
     ("layernorm", {}, 6 * 2 * 2 * 384 + 2 * 384 + HEAD),
+    ("ia3", {}, 6 * (384 + 384 + 1536) + HEAD),
+    ("adapter", {}, 6 * 2 * (384 * 64 + 64 + 64 * 384 + 384) + 6 * 2 * 2 * 384 + 2 * 384 + HEAD),
+    ("adapter", {"adapter_kind": "pfeiffer"}, 6 * (384 * 64 + 64 + 64 * 384 + 384) + 6 * 2 * 2 * 384
+     + 2 * 384 + HEAD),
+    ("prompt", {}, 20 * 384 + HEAD),
+    ("prefix", {}, 10 * 6 * 2 * 384 + HEAD),
+    ("prefix", {"prefix_reparam": 32}, 10 * 384 + 384 * 32 + 32 + 32 * 6 * 2 * 384 + 6 * 2 * 384 + HEAD),
 ])
 def test_trainable_counts_match_the_closed_form_on_minilm(method, args, expected):
     n_train, _ = _trainable(MINILM, _config(method, **args))
@@ -90,7 +97,10 @@ def mesh():
 
 @pytest.mark.parametrize("method,args", [
     ("linear_probe", {}), ("freeze", {"freeze_bottom_k": 1}), ("bitfit", {}), ("layernorm", {}),
-    ("lora", {"lora_rank": 4}), ("full", {"layerwise_lr_decay": 0.8}),
+    ("lora", {"lora_rank": 4}), ("full", {"layerwise_lr_decay": 0.8}), ("ia3", {}),
+    ("adapter", {"adapter_size": 4}), ("adapter", {"adapter_kind": "pfeiffer", "adapter_size": 4}),
+    ("prompt", {"prompt_tokens": 3}), ("prefix", {"prefix_tokens": 3}),
+    ("prefix", {"prefix_tokens": 2, "prefix_reparam": 8}),
 ])
 def test_frozen_leaves_stay_bitwise_and_hold_no_moments(method, args, mesh, tmp_path):
     c = _config(method, **args)
@@ -152,3 +162,50 @@ def test_lora_starts_as_the_base_model_and_merges_exactly():
     out_merged = base_model.apply({"params": merged}, *inputs)
     assert not np.allclose(out_lora, base_model.apply({"params": base}, *inputs), atol=1e-4)
     np.testing.assert_allclose(out_merged, out_lora, atol=1e-5)
+
+
+def _inputs():
+    b = _batch()
+    return b["input_ids"], b["attention_mask"], b["token_type_ids"]
+
+
+@pytest.mark.parametrize("method,args", [("ia3", {}), ("adapter", {"adapter_size": 4}),
+                                         ("lora", {"lora_rank": 2})])
+def test_methods_start_as_the_base_model(method, args):
+    model, _ = _shapes(models.TINY_BERT, _config(method, **args))
+    base_model, _ = _shapes(models.TINY_BERT, _config("full"))
+    params = model.init(jax.random.key(0), *_inputs())["params"]
+    added = ("lora_", "ia3_", "_adapter/")
+    base = tree_lib.unflatten({k: v for k, v in tree_lib.flatten(params).items()
+                               if not any(a in k for a in added)})
+    np.testing.assert_allclose(model.apply({"params": params}, *_inputs()),
+                               base_model.apply({"params": base}, *_inputs()), atol=1e-6)
+
+
+def test_ia3_merges_exactly():
+    model, _ = _shapes(models.TINY_BERT, _config("ia3"))
+    base_model, _ = _shapes(models.TINY_BERT, _config("full"))
+    params = model.init(jax.random.key(0), *_inputs())["params"]
+    rs = np.random.RandomState(1)
+    tuned = tree_lib.unflatten({k: (1 + 0.3 * rs.normal(size=v.shape)).astype(np.float32) if "ia3_" in k else v
+                                for k, v in tree_lib.flatten(params).items()})
+    np.testing.assert_allclose(base_model.apply({"params": methods.ia3.merge(tuned)}, *_inputs()),
+                               model.apply({"params": tuned}, *_inputs()), atol=1e-5)
+
+
+def test_prompt_and_prefix_change_the_output_and_keep_shapes():
+    for method, args in (("prompt", {"prompt_tokens": 3}), ("prefix", {"prefix_tokens": 3})):
+        model, _ = _shapes(models.TINY_BERT, _config(method, **args))
+        params = model.init(jax.random.key(0), *_inputs())["params"]
+        out = model.apply({"params": params}, *_inputs())
+        assert out.shape == (8, 2)
+
+
+def test_prompt_starts_from_vocabulary_embeddings():
+    c = _config("prompt", prompt_tokens=4)
+    model, _ = _shapes(models.TINY_BERT, c)
+    params = model.init(jax.random.key(0), *_inputs())["params"]
+    out = methods.post_load(c, jax.device_get(params), tokenizer=None)
+    words = np.asarray(out["bert"]["embeddings"]["word_embeddings"]["embedding"])
+    for row in np.asarray(out["bert"]["prompt"]):
+        assert any(np.array_equal(row, w) for w in words[64:])

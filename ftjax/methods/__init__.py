@@ -2,7 +2,11 @@
 
 A method is one module here with
   trainable_rules(method_args, num_layers) -> [(regex, bool)]: what trains, in order;
-  peft(method_args) -> models.layers.Peft: what it adds to the model (LoRA, ...).
+  peft(method_args) -> models.layers.Peft: what it adds to the model (LoRA, ...);
+and optionally
+  post_load(params, method_args, tokenizer, seed) -> params: initialisation that needs
+    the pretrained weights (prompt tuning's vocabulary init);
+  merge(params[, peft]) -> params: fold the additions into a plain model (LoRA, IA3).
 It never touches the trainer. `config.method_args.layerwise_lr_decay` combines with any
 method: lr x decay^(depth from the top), the head and pooler at depth 0.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from ftjax.errors import UserError
-from ftjax.methods import bitfit, freeze, full, layernorm, linear_probe, lora
+from ftjax.methods import adapter, bitfit, freeze, full, ia3, layernorm, linear_probe, lora, prefix, prompt
 from ftjax.models.layers import Peft
 
 METHODS: dict[str, ModuleType] = {
@@ -22,6 +26,10 @@ METHODS: dict[str, ModuleType] = {
     "bitfit": bitfit,
     "layernorm": layernorm,
     "lora": lora,
+    "ia3": ia3,
+    "adapter": adapter,
+    "prompt": prompt,
+    "prefix": prefix,
 }
 
 
@@ -57,3 +65,22 @@ def rules(config, num_layers: int) -> tuple[list, list]:
 
 def peft(config) -> Peft:
     return get(config.method).peft(config.method_args)
+
+
+def post_load(config, params, tokenizer):
+    """Applies the method's initialisation that needs the loaded (pretrained) params."""
+    method = get(config.method)
+    if hasattr(method, "post_load"):
+        return method.post_load(params, config.method_args, tokenizer, config.seed)
+    return params
+
+
+def merged_for_export(config, params, peft_spec: Peft):
+    """Plain-model params for export, or None when the method cannot be merged."""
+    if config.method == "lora":
+        return lora.merge(params, peft_spec)
+    if config.method == "ia3":
+        return ia3.merge(params)
+    if peft_spec.adapter or peft_spec.prompt_tokens or peft_spec.prefix_tokens:
+        return None
+    return params

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import UserError
-from ftjax.models.layers import Dense, Peft
+from ftjax.models.layers import Adapter, Dense, Peft
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -80,14 +80,23 @@ class SelfAttention(nn.Module):
     peft: Peft = Peft()
 
     @nn.compact
-    def __call__(self, x, bias, *, train: bool):
+    def __call__(self, x, bias, *, train: bool, prefix=None):
         cfg = self.config
         heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         split = lambda t: t.reshape(*t.shape[:-1], heads, width)  # noqa: E731
         dense = lambda name: _dense(cfg, cfg.hidden_size, name, self.dtype, self.peft)  # noqa: E731
-        q = split(dense("query")(x, train=train))
-        k = split(dense("key")(x, train=train))
-        v = split(dense("value")(x, train=train))
+        q = dense("query")(x, train=train)
+        k = dense("key")(x, train=train)
+        v = dense("value")(x, train=train)
+        if self.peft.ia3:
+            ones = nn.initializers.ones
+            k = k * self.param("ia3_key", ones, (cfg.hidden_size,), jnp.float32).astype(k.dtype)
+            v = v * self.param("ia3_value", ones, (cfg.hidden_size,), jnp.float32).astype(v.dtype)
+        if prefix is not None:  # deep prefix tuning: learned keys/values every query sees
+            pk, pv = (jnp.broadcast_to(t.astype(k.dtype), (x.shape[0], *t.shape)) for t in prefix)
+            k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+            bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], pk.shape[1]), bias.dtype), bias], -1)
+        q, k, v = split(q), split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width)
         probs = jax.nn.softmax(scores + bias, axis=-1)
         probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
@@ -103,15 +112,21 @@ class Layer(nn.Module):
     peft: Peft = Peft()
 
     @nn.compact
-    def __call__(self, x, bias, *, train: bool):
-        cfg = self.config
+    def __call__(self, x, bias, *, train: bool, prefix=None):
+        cfg, peft = self.config, self.peft
         drop = nn.Dropout(self.dropout, deterministic=not train)
-        attn = SelfAttention(cfg, self.attention_dropout, self.dtype, self.peft, name="attention")(
-            x, bias, train=train)
+        attn = SelfAttention(cfg, self.attention_dropout, self.dtype, peft, name="attention")(
+            x, bias, train=train, prefix=prefix)
+        if peft.adapter == "houlsby":
+            attn = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="attention_adapter")(attn)
         x = _layer_norm(cfg, "attention_LayerNorm", self.dtype)(x + drop(attn))
-        h = _dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, self.peft)(x, train=train)
-        h = _dense(cfg, cfg.hidden_size, "output", self.dtype, self.peft)(_ACTIVATIONS[cfg.hidden_act](h),
-                                                                         train=train)
+        h = _dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, peft)(x, train=train)
+        h = _ACTIVATIONS[cfg.hidden_act](h)
+        if peft.ia3:
+            h = h * self.param("ia3_ffn", nn.initializers.ones, (cfg.intermediate_size,), jnp.float32).astype(h.dtype)
+        h = _dense(cfg, cfg.hidden_size, "output", self.dtype, peft)(h, train=train)
+        if peft.adapter in ("houlsby", "pfeiffer"):
+            h = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="output_adapter")(h)
         return _layer_norm(cfg, "output_LayerNorm", self.dtype)(x + drop(h))
 
 
@@ -143,10 +158,35 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, *, train: bool):
-        for i in range(self.config.num_hidden_layers):
-            x = Layer(self.config, self.dropout, self.attention_dropout, self.dtype, self.peft,
-                      name=f"layer_{i}")(x, bias, train=train)
+        cfg, peft = self.config, self.peft
+        prefixes = [None] * cfg.num_hidden_layers
+        if peft.prefix_tokens:
+            prefixes = PrefixEncoder(cfg, peft, name="prefix")()
+        for i in range(cfg.num_hidden_layers):
+            x = Layer(cfg, self.dropout, self.attention_dropout, self.dtype, peft,
+                      name=f"layer_{i}")(x, bias, train=train, prefix=prefixes[i])
         return x
+
+
+class PrefixEncoder(nn.Module):
+    """Per-layer (key, value) prefixes [n, hidden]: params, or an MLP over an embedding."""
+
+    config: BertConfig
+    peft: Peft
+
+    @nn.compact
+    def __call__(self):
+        cfg, n = self.config, self.peft.prefix_tokens
+        layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+        init = nn.initializers.normal(cfg.initializer_range)
+        if self.peft.prefix_reparam:
+            e = self.param("embedding", init, (n, hidden), jnp.float32)
+            h = jnp.tanh(nn.Dense(self.peft.prefix_reparam, name="mlp_in")(e))
+            kv = nn.Dense(layers * 2 * hidden, name="mlp_out")(h)
+        else:
+            kv = self.param("key_values", init, (n, layers * 2 * hidden), jnp.float32)
+        kv = kv.reshape(n, layers, 2, hidden)
+        return [(kv[:, i, 0], kv[:, i, 1]) for i in range(layers)]
 
 
 class BertModel(nn.Module):
@@ -156,7 +196,8 @@ class BertModel(nn.Module):
       config: the encoder's BertConfig.
       dtype: compute dtype (parameters stay float32).
       dropout_override: replaces hidden_dropout_prob when set.
-      peft: parameter-efficient additions (LoRA) switched on by a method.
+      peft: parameter-efficient additions (LoRA, IA3, adapters, prompts, prefixes)
+        switched on by a fine-tuning method.
     """
 
     config: BertConfig
@@ -175,9 +216,17 @@ class BertModel(nn.Module):
                              f"max_position_embeddings {cfg.max_position_embeddings}")
         dropout = cfg.hidden_dropout_prob if self.dropout_override is None else self.dropout_override
         x = Embeddings(cfg, dropout, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
+        n_prompt = self.peft.prompt_tokens
+        if n_prompt:  # soft prompt vectors before the tokens; they see and are seen by all
+            prompt = self.param("prompt", nn.initializers.normal(cfg.initializer_range),
+                                (n_prompt, cfg.hidden_size), jnp.float32)
+            x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], *prompt.shape)), x], 1)
+            attention_mask = jnp.concatenate(
+                [jnp.ones((x.shape[0], n_prompt), attention_mask.dtype), attention_mask], 1)
         # Padding keys get a large negative bias (float32, so bf16 compute cannot overflow it).
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
         x = Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")(
             x, bias, train=train)
+        x = x[:, n_prompt:]  # the head sees the real tokens only: [CLS] is first again
         pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", self.dtype, self.peft)(x[:, 0], train=train))
         return x, pooled

@@ -1,0 +1,25 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021).
+
+`houlsby`: an adapter after the attention output and one after the FFN output;
+`pfeiffer`: after the FFN only. Identity at init: the down projection is normal
+(std 1e-2), the up projection zero. As in the paper, the adapters, every LayerNorm and
+the task head train. Adapters add layers,
+so they cannot be merged into a plain BERT.
+"""
+
+from ftjax.errors import UserError
+from ftjax.models.layers import Peft
+
+
+def trainable_rules(args, num_layers: int) -> list[tuple[str, bool]]:
+    del args, num_layers
+    return [(r"head/.*", True), (r".*_adapter/.*", True), (r".*LayerNorm.*", True), (r".*", False)]
+
+
+def peft(args) -> Peft:
+    if args.adapter_kind not in ("houlsby", "pfeiffer"):
+        raise UserError(f"method_args.adapter_kind={args.adapter_kind!r} is not houlsby or pfeiffer")
+    if args.adapter_size < 1:
+        raise UserError(f"method_args.adapter_size={args.adapter_size} must be >= 1")
+    return Peft(adapter=args.adapter_kind, adapter_size=int(args.adapter_size),
+                adapter_init_std=float(args.adapter_init_std))
