@@ -16,13 +16,31 @@ Args (combinable, e.g. `configs/bert_sst2.py:demo,runlocal`):
   runlocal  a few dozen steps on a small subset with frequent evals and checkpoints,
             for smoke tests.
   model=    override the pretrained model (folder, hub name or asset:NAME).
+  method=   a fine-tuning method of ftjax/methods/ (full, linear_probe, freeze, bitfit,
+            layernorm, lora, ia3, adapter, prompt, prefix), with its usual learning
+            rate (METHOD_LR) unless --config.optimizer.lr says otherwise.
 """
 
 from configs import common
 
+# Learning rates the methods' papers use for encoders of this size (AdamW): frozen
+# backbones need larger steps on their few parameters than full fine-tuning.
+METHOD_LR = {
+    "full": None,          # the setting's own (2e-5 paper, 5e-5 demo)
+    "freeze": None,
+    "linear_probe": 1e-3,
+    "bitfit": 1e-3,        # Ben Zaken et al. 2022: 1e-4..1e-3
+    "layernorm": 1e-3,
+    "lora": 5e-4,          # Hu et al. 2021, RoBERTa-base SST-2
+    "ia3": 3e-3,           # Liu et al. 2022
+    "adapter": 1e-3,       # Houlsby et al. 2019: {3e-5, 3e-4, 3e-3}
+    "prompt": 3e-2,        # Lester et al. 2021 use 0.3 with Adafactor
+    "prefix": 1e-2,        # P-tuning v2 on small encoders
+}
+
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, demo=False, runlocal=False, model="")
+    a = common.parse_arg(arg, demo=False, runlocal=False, model="", method="full")
     c = common.base_config()
 
     c.model.family = "bert"
@@ -63,6 +81,13 @@ def get_config(arg: str | None = None):
 
     if a.model:
         c.model.pretrained = a.model
+    if a.method not in METHOD_LR:
+        raise ValueError(f"unknown method {a.method!r}; known: {', '.join(METHOD_LR)}")
+    c.method = a.method
+    if METHOD_LR[a.method] is not None:
+        c.optimizer.lr = METHOD_LR[a.method]
+    if a.method == "freeze":
+        c.method_args.freeze_bottom_k = 3  # the embeddings and the bottom 3 layers
 
     if a.runlocal:
         c.data.train_limit = 256

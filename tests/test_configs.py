@@ -11,7 +11,9 @@ from configs import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
-ARGS = {"bert_sst2": [None, "demo", "runlocal", "demo,runlocal", "model=/some/folder"]}
+ARGS = {"bert_sst2": [None, "demo", "runlocal", "demo,runlocal", "model=/some/folder"]
+        + [f"demo,method={m}" for m in ("full", "linear_probe", "freeze", "bitfit", "layernorm", "lora",
+                                        "ia3", "adapter", "prompt", "prefix")]}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
