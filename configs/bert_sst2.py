@@ -16,7 +16,8 @@ Args (combinable, e.g. `configs/bert_sst2.py:demo,runlocal`):
   runlocal  a few dozen steps on a small subset with frequent evals and checkpoints,
             for smoke tests.
   model=    override the pretrained model (folder, hub name or asset:NAME).
-  method=   a fine-tuning method of ftjax/methods/ (full, linear_probe, freeze, bitfit,
+  method=   a fine-tuning method of ftjax/methods/ (full, linear_probe, freeze,
+            gradual_unfreezing, bitfit,
             layernorm, lora, ia3, adapter, prompt, prefix), with its usual learning
             rate (METHOD_LR) unless --config.optimizer.lr says otherwise.
 """
@@ -28,6 +29,7 @@ from configs import common
 METHOD_LR = {
     "full": None,          # the setting's own (2e-5 paper, 5e-5 demo)
     "freeze": None,
+    "gradual_unfreezing": None,
     "linear_probe": 1e-3,
     "bitfit": 1e-3,        # Ben Zaken et al. 2022: 1e-4..1e-3
     "layernorm": 1e-3,
@@ -86,6 +88,8 @@ def get_config(arg: str | None = None):
     c.method = a.method
     if METHOD_LR[a.method] is not None:
         c.optimizer.lr = METHOD_LR[a.method]
+    if a.method == "gradual_unfreezing":
+        c.method_args.unfreeze_every_epochs = 0.125  # all 8 groups of MiniLM in the first epoch
     if a.method == "freeze":
         c.method_args.freeze_bottom_k = 3  # the embeddings and the bottom 3 layers
 

@@ -37,11 +37,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = placeholder(str)      # a workdir or export dir of a previous ftjax run
 
     # ---- fine-tuning method (ftjax/methods/) ----------------------------------
-    c.method = "full"  # full, linear_probe, freeze, bitfit, layernorm, lora, ia3, adapter, prompt, prefix
+    # full, linear_probe, freeze, gradual_unfreezing, bitfit, layernorm, lora, ia3, adapter,
+    # prompt, prefix
+    c.method = "full"
     c.method_args = ml_collections.ConfigDict()
     c.method_args.freeze = ()               # freeze: regexes of params to freeze
     c.method_args.freeze_bottom_k = 0       # freeze: embeddings + the bottom k layers
     c.method_args.layerwise_lr_decay = 1.0  # any method: lr x decay^(depth from the top)
+    c.method_args.unfreeze_every_steps = placeholder(int)     # gradual_unfreezing: one group per N
+    c.method_args.unfreeze_every_epochs = placeholder(float)  # steps, or per N epochs
     c.method_args.lora_rank = 8
     c.method_args.lora_alpha = 16.0
     c.method_args.lora_dropout = 0.0

@@ -93,8 +93,24 @@ def _base_direction(opt: ml_collections.ConfigDict) -> optax.GradientTransformat
     raise UserError(f"config.optimizer.name={opt.name!r} is not one of adamw, adam, sgd, adafactor")
 
 
+def _gate_until(starts: Any) -> optax.GradientTransformation:
+    """Zeroes each leaf's updates before its start step (a per-leaf int)."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        updates = _map_unmasked(
+            lambda u, s: u if s == 0 else jnp.where(state.count >= s, u, jnp.zeros_like(u)), updates, starts)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
-                   trainable_rules=None, lr_rules=None
+                   trainable_rules=None, lr_rules=None, start_rules=None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule, list[tuple]]:
     """Builds the optimizer from the config's rule lists.
 
@@ -104,6 +120,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
       total_steps: optimizer steps of the run, for the schedule.
       trainable_rules: replaces `config.optimizer.trainable` (e.g. a method's rules).
       lr_rules: replaces `config.optimizer.lr_rules`.
+      start_rules: (regex, step) pairs: a leaf gets no gradient, moment or decay before
+        its step (gradual unfreezing). None: every trainable leaf trains from step 0.
 
     Returns:
       (tx, schedule, table) where table rows are (rule, value, n_params) for the
@@ -120,6 +138,10 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
         raise UserError(str(e)) from None
     schedule = make_schedule(config, total_steps)
     parts = []
+    gate = None
+    if start_rules:
+        gate = _gate_until(tree_lib.tree_from_rules(params, start_rules))
+        parts.append(gate)  # before Adam: a gated leaf's moments stay zero
     if opt.grad_clip_norm:
         # Inside the 'train' branch: the norm is over trainable gradients only.
         parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
@@ -129,6 +151,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
         parts.append(_decoupled_weight_decay(wd, wd_mults))
     parts.append(_scale_by_tree(lr_mults))
     parts.append(optax.scale_by_learning_rate(schedule))
+    if gate is not None:
+        parts.append(gate)  # after decay: a gated leaf does not move at all
     train_tx = optax.chain(*parts)
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
     tx = optax.multi_transform({"train": train_tx, "frozen": optax.set_to_zero()}, labels)

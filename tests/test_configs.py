@@ -12,8 +12,8 @@ from configs import common
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "common"))
 ARGS = {"bert_sst2": [None, "demo", "runlocal", "demo,runlocal", "model=/some/folder"]
-        + [f"demo,method={m}" for m in ("full", "linear_probe", "freeze", "bitfit", "layernorm", "lora",
-                                        "ia3", "adapter", "prompt", "prefix")]}
+        + [f"demo,method={m}" for m in ("full", "linear_probe", "freeze", "gradual_unfreezing", "bitfit",
+                                        "layernorm", "lora", "ia3", "adapter", "prompt", "prefix")]}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -82,3 +82,10 @@ def test_bad_config_file_or_arg_is_one_line(tmp_path, config, words):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_every_method_has_a_demo_learning_rate():
+    from configs import bert_sst2
+    from ftjax import methods
+
+    assert set(bert_sst2.METHOD_LR) == set(methods.METHODS)

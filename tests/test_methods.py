@@ -209,3 +209,33 @@ def test_prompt_starts_from_vocabulary_embeddings():
     words = np.asarray(out["bert"]["embeddings"]["word_embeddings"]["embedding"])
     for row in np.asarray(out["bert"]["prompt"]):
         assert any(np.array_equal(row, w) for w in words[64:])
+
+
+def test_gradual_unfreezing_releases_one_group_at_a_time(mesh):
+    c = _config("gradual_unfreezing", unfreeze_every_steps=2)
+    model, _ = _shapes(models.TINY_BERT, c)
+    params = model.init(jax.random.key(0), *_inputs())["params"]
+    before = {k: np.asarray(v).copy() for k, v in tree_lib.flatten(params).items()}
+    trainable_rules, lr_rules = methods.rules(c, 2)
+    starts = methods.start_rules(c, 2, steps_per_epoch=10)
+    tx, _, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules, starts)
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                rng=jax.random.key_data(jax.random.key(1)))
+    rep = step_lib.replicated(mesh)
+    state = jax.device_put(state, rep)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, num_labels=2), mesh,
+                                 jax.tree.map(lambda _: rep, state))
+
+    def moved(prefix):
+        now = tree_lib.flatten(state.params)
+        return [not np.array_equal(before[k], np.asarray(now[k])) for k in before if k.startswith(prefix)]
+
+    for s in range(3):  # updates 0, 1, 2: the head from 0, pooler + top layer from 2
+        state, _ = fn(state, step_lib.shard_batch(_batch(seed=s), mesh))
+    assert all(moved("head/")) and all(moved("bert/pooler/")) and all(moved("bert/encoder/layer_1/"))
+    assert not any(moved("bert/encoder/layer_0/")) and not any(moved("bert/embeddings/"))
+    for s in range(3, 5):  # update 4: layer_0 joins; the embeddings wait for update 6
+        state, _ = fn(state, step_lib.shard_batch(_batch(seed=s), mesh))
+    assert all(moved("bert/encoder/layer_0/")) and not any(moved("bert/embeddings/"))
+    with pytest.raises(UserError, match="exactly one of"):
+        methods.start_rules(_config("gradual_unfreezing"), 2, 10)

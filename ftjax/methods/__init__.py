@@ -6,7 +6,9 @@ A method is one module here with
 and optionally
   post_load(params, method_args, tokenizer, seed) -> params: initialisation that needs
     the pretrained weights (prompt tuning's vocabulary init);
-  merge(params[, peft]) -> params: fold the additions into a plain model (LoRA, IA3).
+  merge(params[, peft]) -> params: fold the additions into a plain model (LoRA, IA3);
+  start_rules(method_args, num_layers, steps_per_epoch) -> [(regex, step)]: the step
+    from which params train (gradual unfreezing).
 It never touches the trainer. `config.method_args.layerwise_lr_decay` combines with any
 method: lr x decay^(depth from the top), the head and pooler at depth 0.
 """
@@ -16,13 +18,15 @@ from __future__ import annotations
 from types import ModuleType
 
 from ftjax.errors import UserError
-from ftjax.methods import adapter, bitfit, freeze, full, ia3, layernorm, linear_probe, lora, prefix, prompt
+from ftjax.methods import (adapter, bitfit, freeze, full, gradual_unfreezing, ia3, layernorm, linear_probe,
+                           lora, prefix, prompt)
 from ftjax.models.layers import Peft
 
 METHODS: dict[str, ModuleType] = {
     "full": full,
     "linear_probe": linear_probe,
     "freeze": freeze,
+    "gradual_unfreezing": gradual_unfreezing,
     "bitfit": bitfit,
     "layernorm": layernorm,
     "lora": lora,
@@ -84,3 +88,11 @@ def merged_for_export(config, params, peft_spec: Peft):
     if peft_spec.adapter or peft_spec.prompt_tokens or peft_spec.prefix_tokens:
         return None
     return params
+
+
+def start_rules(config, num_layers: int, steps_per_epoch: int):
+    """[(regex, first training step)] of the method, or None when everything starts at once."""
+    method = get(config.method)
+    if hasattr(method, "start_rules"):
+        return method.start_rules(config.method_args, num_layers, steps_per_epoch)
+    return None

@@ -10,7 +10,7 @@ import json
 import pathlib
 import sys
 
-ORDER = ("full", "linear_probe", "freeze", "bitfit", "layernorm", "lora", "ia3", "adapter", "prompt",
+ORDER = ("full", "linear_probe", "freeze", "gradual_unfreezing", "bitfit", "layernorm", "lora", "ia3", "adapter", "prompt",
          "prefix")
 
 

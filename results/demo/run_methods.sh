@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 runs="${1:-/tmp/ftjax_methods}"
 shift || true
 methods=("$@")
-[ ${#methods[@]} -gt 0 ] || methods=(full linear_probe freeze bitfit layernorm lora ia3 adapter prompt prefix)
+[ ${#methods[@]} -gt 0 ] || methods=(full linear_probe freeze gradual_unfreezing bitfit layernorm lora ia3 adapter prompt prefix)
 for m in "${methods[@]}"; do
   start=$(date +%s)
   python -m ftjax.main --config="configs/bert_sst2.py:demo,method=$m" --workdir="$runs/$m" \
