@@ -218,3 +218,26 @@ def test_lora_run_exports_a_merged_plain_model(files, tmp_path):
     again = train.train_and_evaluate(tiny_config(files, total_steps=1, init_from=str(tmp_path / "w")),
                                      str(tmp_path / "w2"))
     assert again["start"].startswith("initialised from")
+
+
+def test_hf_export_round_trips_and_refuses_what_hf_cannot_compute(run, tmp_path):
+    from ftjax import checkpoint as ckpt_lib
+    from ftjax import convert, export
+    from ftjax import tree as tree_lib
+
+    workdir, _ = run
+    out = export.export_hf(str(workdir), str(tmp_path / "hf"))
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["architectures"] == ["BertForSequenceClassification"] and hf["id2label"] == {"0": "neg", "1": "pos"}
+    assert (out / "vocab.txt").exists()
+    params, meta = ckpt_lib.load_export(workdir)
+    back = tree_lib.flatten(convert.convert_folder(out))  # our reader of HF folders, the inverse map
+    flat = tree_lib.flatten(params)
+    assert back.keys() == flat.keys()
+    for k in flat:
+        np.testing.assert_array_equal(back[k], flat[k])
+    for change, words in (({"pooling": "mean"}, "pools with 'mean'"),
+                          ({"method": "adapter", "peft": {"adapter": "houlsby"}}, "cannot be merged")):
+        ckpt_lib.export_params(tmp_path / "other", params, {**meta, **change})
+        with pytest.raises(UserError, match=words):
+            export.export_hf(str(tmp_path / "other"), str(tmp_path / "hf2"))

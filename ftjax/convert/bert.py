@@ -64,3 +64,30 @@ def convert(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         path, transpose = target
         out[path] = np.ascontiguousarray(arr.T) if transpose else arr
     return out
+
+
+def to_hf(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """ftjax classifier params ({"bert/...", "head/..."}) -> BertForSequenceClassification tensors.
+
+    The inverse of `convert`, built from the same name tables.
+    """
+    fixed = {path: (name, t) for name, (path, t) in _FIXED.items()}
+    layer = {module: name for name, module in _LAYER.items()}
+    out = {}
+    for path, arr in flat.items():
+        arr = np.asarray(arr, np.float32)
+        if path.startswith("head/"):
+            leaf = path.split("/")[-1]
+            out["classifier." + ("weight" if leaf == "kernel" else "bias")] = arr.T if leaf == "kernel" else arr
+            continue
+        inner = path[len("bert/"):]
+        if inner in fixed:
+            name, transpose = fixed[inner]
+            out["bert." + name] = arr.T if transpose else arr
+            continue
+        m = re.fullmatch(r"encoder/layer_(\d+)/(.+)/(kernel|bias|scale)", inner)
+        if not m or m.group(2) not in layer:
+            raise ConvertError(f"parameter {path!r} has no place in an HF BERT checkpoint")
+        leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[m.group(3)]
+        out[f"bert.encoder.layer.{m.group(1)}.{layer[m.group(2)]}.{leaf}"] = arr.T if m.group(3) == "kernel" else arr
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
