@@ -119,3 +119,33 @@ def test_export_round_trip_replaces_the_old_export(tmp_path):
     with pytest.raises(ckpt_lib.CheckpointError, match="not an ftjax export"):
         ckpt_lib.load_export(tmp_path / "nothing")
     json.loads((tmp_path / "export" / "meta.json").read_text())
+
+
+def test_checksums_do_not_depend_on_sharding_and_see_one_changed_element():
+    mesh = step_lib.make_mesh()
+    x = np.arange(64, dtype=np.float32).reshape(8, 8)
+    sharded = jax.device_put(x, step_lib.data_sharded(mesh))
+    assert ckpt_lib.checksums({"x": sharded}) == ckpt_lib.checksums({"x": x})
+    swapped = x.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places: a plain sum would miss it
+    assert ckpt_lib.checksums({"x": swapped}) != ckpt_lib.checksums({"x": x})
+    key = jax.random.key(0)
+    assert set(ckpt_lib.checksums({"k": key, "b": np.ones(3, bool), "h": np.ones(2, np.float16)})) == {"k", "b", "h"}
+
+
+def test_data_that_no_longer_matches_its_checksums_is_refused_and_kept(tmp_path):
+    mesh = step_lib.make_mesh()
+    state = _on(mesh, _state())
+    c = _ckpt(tmp_path)
+    c.save(5, state, extra={}, force=True)
+    c.wait()
+    step_dir = tmp_path / "checkpoints" / "5"
+    sums = next(p for p in (step_dir / "checksums").rglob("*") if p.is_file())
+    stored = json.loads(sums.read_text())
+    key = next(k for k in stored if "head" in k)
+    stored[key] = (stored[key] + 1) % (1 << 32)  # as if that array's data had been garbled
+    sums.write_text(json.dumps(stored))
+    with pytest.raises(ckpt_lib.CheckpointError, match="damaged") as e:
+        _ckpt(tmp_path).restore(_abstract(state, mesh))
+    assert str(step_dir) in str(e.value) and key in str(e.value)
+    assert step_dir.exists()
