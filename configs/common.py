@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     # An HF snapshot folder, a hub name (e.g. "bert-base-uncased"), or "asset:NAME"
     # for a pinned offline asset (see ftjax/assets.py). None: no pretrained weights.
     c.model.pretrained = placeholder(str)
-    c.model.family = "bert"            # key into ftjax.models.MODELS
+    c.model.family = "bert"            # bert, vit, resnet or efficientnet (ftjax.models.FAMILIES)
     c.model.variant = placeholder(str)  # e.g. "tiny"; used when pretrained is None
     c.model.tokenizer = placeholder(str)  # tokenizer folder; None: the pretrained folder
     c.model.pooling = "pooler"          # "pooler" (BERT [CLS] + dense tanh), "cls" or "mean"
@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head_dropout = placeholder(float)  # None: same as dropout
     c.model.dtype = "float32"           # compute dtype: "float32" or "bfloat16" (params stay fp32)
     c.model.dont_load = ("head/.*",)    # regexes of params not taken from pretrained weights
+    # BatchNorm encoders (resnet, efficientnet): False uses and keeps the pretrained
+    # statistics (right for small batches); True trains with batch statistics and updates them.
+    c.model.update_batch_stats = False
     c.init_from = placeholder(str)      # a workdir or export dir of a previous ftjax run
 
     # ---- fine-tuning method (ftjax/methods/) ----------------------------------
@@ -94,6 +97,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0
     c.data.dev_fraction = 0.1
     c.data.test_fraction = 0.1
+    # ---- image data (ftjax/data/images.py) ----
+    # An image dataset: data.name "fashion_mnist" (ftjax builder over the pinned asset;
+    # splits train / dev / test), "image_folder" (ftjax builder over data.folder) or a
+    # TFDS catalog name whose feature data.image_key is an image ("cifar10", "mnist",
+    # "oxford_flowers102", "oxford_iiit_pet").
+    c.data.image_key = "image"
+    c.data.folder = placeholder(str)   # image_folder: ROOT/CLASS/img or ROOT/{train,dev,test}/CLASS/img
+    c.data.dev_size = 5000             # fashion_mnist: train images moved to dev (stratified, split_seed)
+    c.data.image_size = 224            # square model input, pixels
+    # Eval (and train_augment="none") geometry: "resize" (straight to size x size) or
+    # "resize_crop" (shorter side to image_size / crop_fraction, then the center crop).
+    c.data.resize = "resize_crop"
+    c.data.crop_fraction = 0.875
+    # Train geometry: "random_resized_crop" (Inception-style crop of crop_scale of the
+    # area and crop_ratio aspect, resized to size), "pad_crop" (resize, pad by
+    # crop_padding, random crop: CIFAR-style) or "none" (the eval geometry).
+    c.data.train_augment = "random_resized_crop"
+    c.data.crop_scale = (0.08, 1.0)
+    c.data.crop_ratio = (3 / 4, 4 / 3)
+    c.data.crop_padding = 4
+    c.data.flip = True                 # train: random horizontal flip
+    c.data.resample = "bilinear"       # PIL filter: "nearest", "bilinear", "bicubic", "lanczos"
+    # Per-channel normalisation in 0..255 units: (x - mean) / std. Default ImageNet
+    # (ResNet, ViT); EfficientNet-Lite uses mean (127.5,) * 3 and std (127.5,) * 3.
+    c.data.mean = (123.675, 116.28, 103.53)
+    c.data.std = (58.395, 57.12, 57.375)
+    c.data.num_threads = 2             # image decode/resize threads (PIL releases the GIL)
 
     # ---- schedule & optimiser -------------------------------------------------
     c.batch_size = 32                  # global batch size (examples per optimizer step)
@@ -126,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.metric = "accuracy"                   # dev metric used for best-k and early stopping
     c.metric_mode = "max"
     c.early_stopping_patience = 0           # evals without improvement; 0 disables
+    # A NaN/Inf train loss or gradient: "stop" (one line naming the step and metric; the
+    # last checkpoint, saved before it, stays) or "skip" (that update is dropped).
+    c.nonfinite = "stop"
     c.checkpoint_every_steps = placeholder(int)  # None: once per epoch
     c.keep_checkpoints = 2                  # most recent checkpoints kept
     c.keep_best = 1                         # best-by-metric checkpoints kept besides recent

@@ -7,10 +7,11 @@ Layout of a workdir W:
       extra/                  the loop's JSON (best value so far, data position, ...)
       checksums/              one uint32 per array, to catch damaged data files
   W/best/<step>/              the best `keep_best` checkpoints by the dev metric
-      params/ extra/ checksums/ metrics/   (params only: final eval and export need no
-                              optimizer state, and params are ~1/3 of an Adam state)
+      params/ extra/ checksums/ metrics/   (params + model_state such as BatchNorm
+                              statistics, no optimizer state: ~1/3 of an Adam state)
   W/export/                   params only, for predict, init_from and HF export
       params/ meta.json checksums.json (+ tokenizer/ copied in by train.py)
+      model_state/ model_state_checksums.json   (BatchNorm models only)
 
 Two managers rather than one with both a latest-N and a best-N policy: the best set
 holds params only, and a best checkpoint may fall between periodic saves without
@@ -240,6 +241,17 @@ def _unreadable_metrics(directory: epath.Path) -> epath.Path | None:
 # ---- the checkpointer -----------------------------------------------------------------
 
 
+def best_tree(state: Any) -> Any:
+    """What a best checkpoint keeps of a train state: {"params", "model_state"}.
+
+    Final evaluation and export need no optimizer state, and BatchNorm statistics
+    (model_state) belong with the params they were computed for. A dict is kept as is.
+    """
+    if isinstance(state, Mapping):
+        return state
+    return {"params": state.params, "model_state": state.model_state}
+
+
 class Checkpointer:
     """Saves and restores the train states of one workdir (see the module docstring).
 
@@ -316,6 +328,10 @@ class Checkpointer:
         value = float(metrics.get(self.metric, worst))
         return (value, -step) if self.mode == "max" else (value, step)
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process has reached JAX's preemption sync point at `step`."""
+        return self._recent.reached_preemption(step)
+
     def latest_step(self) -> int | None:
         """The newest step in W/checkpoints, or None."""
         return self._recent.latest_step()
@@ -345,14 +361,14 @@ class Checkpointer:
         return self._recent.save(step, args=args, force=force)
 
     def save_best(self, step: int, state: Any, *, metrics: dict, extra: dict) -> bool:
-        """Offers the params of `state` at `step`, scored by `metrics[metric]`, to W/best.
+        """Offers `best_tree(state)` at `step`, scored by `metrics[metric]`, to W/best.
 
         Nothing is written when the score would not enter the best `keep_best`, when it
         is NaN, or when `step` is there already.
 
         Args:
           step: the train step.
-          state: the train state (an object with `.params` or a dict with "params").
+          state: the train state (params and model_state are kept), or a dict saved as is.
           metrics: dev metrics; must hold `metric`.
           extra: JSON-able data stored beside the params.
 
@@ -377,9 +393,9 @@ class Checkpointer:
             worst = ranked[-self.keep_best] if self.mode == "max" else ranked[self.keep_best - 1]
             if (self._rank(scored) <= worst) if self.mode == "max" else (self._rank(scored) >= worst):
                 return False
-        params = state["params"] if isinstance(state, Mapping) else state.params
-        args = ocp.args.Composite(params=ocp.args.StandardSave(params), extra=ocp.args.JsonSave(_to_json(extra)),
-                                  checksums=ocp.args.JsonSave(checksums(params)))
+        tree = best_tree(state)
+        args = ocp.args.Composite(params=ocp.args.StandardSave(tree), extra=ocp.args.JsonSave(_to_json(extra)),
+                                  checksums=ocp.args.JsonSave(checksums(tree)))
         return self._best.save(step, args=args, metrics=scored, force=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -401,20 +417,21 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         return _restore(self._recent, step, abstract_state, "state")
 
-    def restore_best_params(self, abstract_params: Any) -> Any | None:
-        """The params of the best checkpoint, or None when there is none.
+    def restore_best(self, abstract: Any) -> Any | None:
+        """The tree saved by `save_best` at the best step, or None when there is none.
 
         Args:
-          abstract_params: params structure as ShapeDtypeStructs with shardings.
+          abstract: that tree's structure (`best_tree` of the abstract train state) as
+            ShapeDtypeStructs with shardings.
 
         Returns:
-          The params pytree on those shardings, or None.
+          The tree on those shardings, or None.
         """
         if self._best is None:
             return None
         self._best.wait_until_finished()
         step = self.best_step()
-        return None if step is None else _restore(self._best, step, abstract_params, "params")[0]
+        return None if step is None else _restore(self._best, step, abstract, "params")[0]
 
     def wait(self) -> None:
         """Blocks until every started save is complete on disk."""
@@ -440,7 +457,7 @@ def _single_process_checkpointer() -> ocp.StandardCheckpointer:
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
-def export_params(out_dir: PathLike, params: Any, meta: dict) -> None:
+def export_params(out_dir: PathLike, params: Any, meta: dict, model_state: dict | None = None) -> None:
     """Writes a params-only export: `params/` (Orbax), `meta.json`, `checksums.json`.
 
     Call it from one process with host-readable params (numpy, or fully replicated
@@ -452,18 +469,25 @@ def export_params(out_dir: PathLike, params: Any, meta: dict) -> None:
       params: nested dict of arrays.
       meta: JSON-able description (model family, hf config, num_labels, label names,
         pooling, ...) returned by `load_export`.
+      model_state: the model's other collections (BatchNorm statistics), written to
+        `model_state/` when non-empty; see `load_export_model_state`.
     """
     out_dir = epath.Path(out_dir)
     meta = _to_json(meta)
     params = jax.tree.map(np.asarray, params)  # exports are host data, loadable on any device count
+    model_state = jax.tree.map(np.asarray, dict(model_state or {}))
     tmp = out_dir.parent / (out_dir.name + ".tmp")
     if tmp.exists():  # an earlier export that crashed before its swap
         tmp.rmtree()
     tmp.mkdir(parents=True)
     with _single_process_checkpointer() as ckptr:
         ckptr.save(tmp / "params", params)
+        if jax.tree.leaves(model_state):
+            ckptr.save(tmp / "model_state", model_state)
         ckptr.wait_until_finished()
     _write_json(tmp / "checksums.json", checksums(params))
+    if jax.tree.leaves(model_state):
+        _write_json(tmp / "model_state_checksums.json", checksums(model_state))
     _write_json(tmp / "meta.json", meta)  # written last: its presence marks a complete export
     if out_dir.exists():
         old = out_dir.parent / (out_dir.name + ".old")
@@ -474,6 +498,33 @@ def export_params(out_dir: PathLike, params: Any, meta: dict) -> None:
         old.rmtree()
     else:
         tmp.rename(out_dir)
+
+
+def _export_dir(path: PathLike) -> epath.Path:
+    path = epath.Path(path)
+    if (path / "export" / "meta.json").exists():
+        path = path / "export"
+    if not (path / "meta.json").exists():
+        raise CheckpointError(f"{path} is not an ftjax export (no meta.json); pass the workdir of a "
+                              "finished run or its export/ folder")
+    return path
+
+
+def load_export_model_state(path: PathLike) -> dict:
+    """The model_state (e.g. {"batch_stats": ...}) of an export; {} when it has none."""
+    path = _export_dir(path)
+    if not (path / "model_state").exists():
+        return {}
+    try:
+        expected = json.loads((path / "model_state_checksums.json").read_text())
+        with _single_process_checkpointer() as ckptr:
+            state = ckptr.restore(path / "model_state")
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged export
+        raise CheckpointError(f"export {path} cannot be read ({_first_line(e)}); ftjax leaves it in "
+                              "place: export the run again or use another export") from None
+    state = jax.tree.map(np.asarray, state)
+    _verify(state, expected, path)
+    return state
 
 
 def load_export(path: PathLike) -> tuple[Any, dict]:
@@ -488,12 +539,7 @@ def load_export(path: PathLike) -> tuple[Any, dict]:
     Raises:
       CheckpointError: not an export, or damaged.
     """
-    path = epath.Path(path)
-    if (path / "export" / "meta.json").exists():
-        path = path / "export"
-    if not (path / "meta.json").exists():
-        raise CheckpointError(f"{path} is not an ftjax export (no meta.json); pass the workdir of a "
-                              "finished run or its export/ folder")
+    path = _export_dir(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
         expected = json.loads((path / "checksums.json").read_text())

@@ -54,3 +54,24 @@ def parse_flags(argv: list[str]) -> list[str]:
     except UserError as e:
         fail(str(e))
     return []
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """jax.distributed.initialize, explicit or auto-detected (TPU VMs, SLURM, ...).
+
+    On the CPU backend the cross-process collectives need gloo, which must be chosen
+    before the backend starts.
+    """
+    import jax
+
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        fail("--distributed: give all of --coordinator_address, --num_processes and --process_id, "
+             "or none of them to let JAX detect the cluster")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # affects the CPU backend only
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    except (RuntimeError, ValueError) as e:
+        fail(f"--distributed: jax.distributed.initialize failed: {' '.join(str(e).split())[:300]}")

@@ -24,10 +24,22 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 @flax.struct.dataclass
 class TrainState:
+    """What a train step updates.
+
+    Attributes:
+      step: optimizer steps taken.
+      params: the "params" collection.
+      opt_state: the optimizer state (no moments for frozen leaves).
+      rng: key data; each step folds in its step number.
+      model_state: the model's other collections, e.g. {"batch_stats": ...} for
+        BatchNorm encoders; {} for the transformers.
+    """
+
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    model_state: Any = flax.struct.field(default_factory=dict)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -67,13 +79,24 @@ def loss_and_correct(logits: jax.Array, labels: jax.Array, num_labels: int):
     return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
 
-def _apply(model: nn.Module, params, batch: Batch, *, train: bool, rng=None) -> jax.Array:
+def input_keys(model: nn.Module) -> tuple[str, ...]:
+    """The batch keys the model takes, in call order (text: ids, mask, types; images: image)."""
+    return tuple(getattr(model, "input_keys", INPUT_KEYS))
+
+
+def updates_batch_stats(model: nn.Module, model_state) -> bool:
+    """Whether train steps update BatchNorm statistics (else they use the stored ones)."""
+    return bool(getattr(model, "update_batch_stats", False)) and "batch_stats" in model_state
+
+
+def _apply(model: nn.Module, variables, batch: Batch, *, train: bool, rng=None, mutable=False):
     rngs = {"dropout": rng} if train else {}
-    return model.apply({"params": params}, *(batch[k] for k in INPUT_KEYS), train=train, rngs=rngs)
+    return model.apply(variables, *(batch[k] for k in input_keys(model)), train=train, rngs=rngs,
+                       mutable=mutable)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, num_labels: int,
-                    accum_steps: int = 1, trainable: Any = None
+                    accum_steps: int = 1, trainable: Any = None, skip_nonfinite: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Returns the pure `train_step(state, batch) -> (state, metrics)`.
 
@@ -83,22 +106,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, num_l
       num_labels: number of classes, 1 for regression.
       accum_steps: micro-batches per optimizer step; gradients are averaged.
       trainable: bool tree like params; the grad norm is reported over True leaves.
+      skip_nonfinite: a step whose loss or trainable gradient norm is NaN/Inf leaves
+        params, optimizer and model state as they were (the step counter still moves,
+        so the data moves on); metrics gain "skipped" (1.0 for such a step).
 
     Returns:
       The un-jitted step function.
     """
 
-    def loss_fn(params, micro, rng):
-        logits = _apply(model, params, micro, train=True, rng=rng)
+    def loss_fn(params, model_state, micro, rng):
+        variables = {"params": params, **model_state}
+        if updates_batch_stats(model, model_state):
+            logits, new = _apply(model, variables, micro, train=True, rng=rng, mutable=["batch_stats"])
+            model_state = {**model_state, **new}
+        else:
+            logits = _apply(model, variables, micro, train=True, rng=rng)
         loss, correct = loss_and_correct(logits, micro["label"], num_labels)
-        return loss.mean(), correct.mean()
+        return loss.mean(), (correct.mean(), model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(state.rng, state.step)
         if accum_steps == 1:
-            (loss, acc), grads = grad_fn(state.params, batch, rng)
+            (loss, (acc, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
         else:
             # Micro-batch i takes rows i, i+k, i+2k...: every micro-batch stays spread
             # over all devices instead of landing on a few.
@@ -107,33 +138,51 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, num_l
                 batch)
 
             def body(carry, xs):
+                sums, ms = carry  # BatchNorm statistics pass from one micro-batch to the next
                 i, mb = xs
-                (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (l, a, g)), None
+                (l, (a, ms)), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, sums, (l, a, g)), ms), None
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, acc, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+            ((loss, acc, grads), model_state), _ = jax.lax.scan(
+                body, (zeros, state.model_state), (jnp.arange(accum_steps), micro))
             loss, acc, grads = jax.tree.map(lambda x: x / accum_steps, (loss, acc, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if trainable is not None:
             grads = jax.tree.map(lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable)
-        metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+        grad_norm = optax.global_norm(grads)
+        metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm}
         if num_labels == 1:
             del metrics["accuracy"]
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state, model_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (params, opt_state, model_state),
+                (state.params, state.opt_state, state.model_state))
+            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  model_state=model_state)
         return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], jax.Array]:
-    """Returns `eval_step(params, batch) -> float32 logits [B, num_labels]`."""
+    """Returns `eval_step(variables, batch) -> float32 logits [B, num_labels]`.
 
-    def eval_step(params, batch: Batch):
-        return _apply(model, params, batch, train=False).astype(jnp.float32)
+    `variables` is {"params": ..., **model_state} (see `variables_of`).
+    """
+
+    def eval_step(variables, batch: Batch):
+        return _apply(model, variables, batch, train=False).astype(jnp.float32)
 
     return eval_step
+
+
+def variables_of(params, model_state=None) -> dict:
+    """The Linen variables dict of params plus the model's other collections."""
+    return {"params": params, **(model_state or {})}
 
 
 def jit_train_step(step_fn, mesh: Mesh, state_sharding):

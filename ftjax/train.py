@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import threading
 import time
 from typing import Any
 
@@ -24,6 +26,59 @@ from ftjax.logs import MetricWriter, ProgressBar, info
 # Parameters a fine-tuning method adds, which pretrained weights and plain exports lack.
 PEFT_PARAMS = (r".*/lora_[ab]", r".*/ia3_[a-z]+", r".*_adapter/.*", r".*/prompt", r".*/prefix/.*")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class NonFiniteError(UserError):
+    """A NaN or Inf train metric with config.nonfinite="stop"."""
+
+
+class Preempted(Exception):
+    """The run stopped on a signal or a preemption notice after saving a checkpoint."""
+
+
+class PreemptionWatch:
+    """Turns SIGTERM/SIGINT, or a TPU preemption notice, into "save and stop".
+
+    One process: a handler records the signal; the loop finishes the step in flight,
+    saves and stops. Several processes: every one must stop at the same step, so the
+    decision is JAX's preemption sync point (through Orbax), which the coordination
+    service raises on all hosts when any of them gets SIGTERM or a maintenance notice.
+    A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, checkpointer: ckpt_lib.Checkpointer):
+        self._checkpointer = checkpointer
+        self._signal: int | None = None
+        self._multi = jax.process_count() > 1
+        self._previous: dict[int, Any] = {}
+        self.reason = ""
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        if self._signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def requested(self, step: int) -> bool:
+        """Whether to save and stop after `step` (the same answer on every process)."""
+        if self._multi:
+            if self._checkpointer.reached_preemption(step):
+                self.reason = "preemption notice"
+                return True
+            return False
+        if self._signal is not None:
+            self.reason = f"stopped by {signal.Signals(self._signal).name}"
+            return True
+        return False
+
+    def close(self) -> None:
+        """Puts the previous signal handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, int]:
@@ -66,32 +121,102 @@ def _abstract(tree: Any, sharding) -> Any:
 
 def build_model(config: ml_collections.ConfigDict, num_labels: int):
     """Returns (module, hf_config, pretrained_dir or None) for `config.model`."""
-    from ftjax import assets, models
+    from ftjax import assets, methods, models
 
     model_dir = None
     if config.model.pretrained:
         model_dir = assets.resolve_model_dir(config.model.pretrained)
-        hf_config = models.load_hf_config(model_dir)
+        hf_config = models.load_hf_config(model_dir, family=config.model.family,
+                                          variant=config.model.variant)
     elif config.model.variant:
         hf_config = models.variant_config(config.model.family, config.model.variant)
     else:
         raise UserError("set config.model.pretrained (a folder, hub name or asset:NAME) "
                         "or config.model.variant for a model from scratch")
-    from ftjax import methods
-
     module = models.create_classifier(
         config.model.family, hf_config, num_labels=num_labels, pooling=config.model.pooling,
         dropout=config.model.dropout, head_dropout=config.model.head_dropout,
-        dtype=config.model.dtype, peft=methods.peft(config))
+        dtype=config.model.dtype, peft=methods.peft(config),
+        update_batch_stats=config.model.update_batch_stats,
+        image_size=config.data.image_size if models.modality(config.model.family) == "image" else None)
     return module, hf_config, model_dir
 
 
-def evaluate(eval_step, params, data, split: str, mesh, num_labels: int) -> dict[str, float]:
-    """Runs the model over every example of `split` and returns its metrics."""
+def load_data(config: ml_collections.ConfigDict):
+    """(data, tokenizer or None, tokenizer folder or None) for the config's modality."""
+    from ftjax import models
+
+    if models.modality(config.model.family) == "image":
+        from ftjax.data import images
+
+        return (images.ImageData(config, images.make_preprocess(config), process_index=jax.process_index(),
+                                 process_count=jax.process_count()), None, None)
+    from ftjax.data import pipeline, tokenizer as tok_lib
+
+    if not (config.model.tokenizer or config.model.pretrained):
+        raise UserError("set config.model.tokenizer (a folder with tokenizer files) or config.model.pretrained")
+    if config.model.tokenizer:
+        tok_dir = epath.Path(config.model.tokenizer)
+    else:
+        from ftjax import assets
+        tok_dir = epath.Path(assets.resolve_model_dir(config.model.pretrained))
+    tokenizer = tok_lib.load_tokenizer(tok_dir)
+    data = pipeline.TextData(config, tokenizer, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    return data, tokenizer, tok_dir
+
+
+def dummy_inputs(model, config) -> list[jax.Array]:
+    """One-example inputs in the model's call order, for init and shape inference."""
+    keys = step_lib.input_keys(model)
+    if keys == ("image",):
+        size = int(config.data.image_size)
+        return [jnp.zeros((1, size, size, 3), jnp.float32)]
+    return [jnp.ones((1, 8), jnp.int32) for _ in keys]
+
+
+def load_pretrained_variables(config, model_dir, variables, num_labels: int):
+    """Merges the converted pretrained weights into freshly initialised `variables`.
+
+    The method's own parameters (adapters, prompts, ...) and `config.model.dont_load`
+    keep their init; a pretrained head whose class count differs from the task's is
+    not loaded (an image model's 1000 ImageNet classes, for example).
+    """
+    from ftjax import convert
+
+    loaded = convert.load_pretrained_variables(model_dir, family=config.model.family)
+    dont_load = tuple(config.model.dont_load) + PEFT_PARAMS
+    head = loaded.get("params", {}).get("head")
+    if head is not None and np.shape(head.get("bias", ()))[-1:] != (num_labels,):
+        info(f"pretrained head ({np.shape(head['bias'])[-1]} outputs) not loaded: the task has "
+             f"{num_labels} labels")
+        dont_load += (r"head/.*",)
+    out = dict(variables)
+    for collection, fresh in variables.items():
+        if collection in loaded:
+            out[collection] = tree_lib.merge(loaded[collection], fresh, dont_load=dont_load)
+    unknown = sorted(set(loaded) - set(variables))
+    if unknown:
+        raise UserError(f"{model_dir} holds collections {unknown} this model does not have")
+    return out
+
+
+def evaluate(eval_step, variables, data, split: str, mesh, num_labels: int, input_keys) -> dict[str, float]:
+    """Runs the model over every example of `split` and returns its metrics.
+
+    Args:
+      eval_step: the jitted `eval_step(variables, batch)`.
+      variables: {"params": ..., **model_state}.
+      data: TextData or ImageData.
+      split: "dev" or "test".
+      mesh: the device mesh.
+      num_labels: classes (1: regression).
+      input_keys: the model's input batch keys.
+    """
     metrics = evaluators.metrics_for(num_labels)
     for batch in data.eval_batches(split):
-        inputs = {k: batch[k] for k in step_lib.INPUT_KEYS}
-        logits = step_lib.to_host(eval_step(params, step_lib.shard_batch(inputs, mesh)))
+        inputs = {k: batch[k] for k in input_keys}
+        logits = step_lib.to_host(eval_step(variables, step_lib.shard_batch(inputs, mesh)))
         labels, mask = batch["label"], batch["mask"]
         if jax.process_count() > 1:  # each process holds its rows only: gather all of them
             rows = step_lib.shard_batch({"label": labels, "mask": mask}, mesh)
@@ -118,8 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns:
       The summary dict also written to `workdir/summary.json`.
     """
-    from ftjax import methods
-    from ftjax.data import pipeline, tokenizer as tok_lib
+    from ftjax import methods, models
 
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -129,31 +253,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rep = step_lib.replicated(mesh)
 
     # ---- data and model ------------------------------------------------------
-    model_probe = config.model.tokenizer or config.model.pretrained
-    if not model_probe:
-        raise UserError("set config.model.tokenizer (a folder with tokenizer files) or config.model.pretrained")
-    if config.model.tokenizer:
-        tok_dir = epath.Path(config.model.tokenizer)
-    else:
-        from ftjax import assets
-        tok_dir = assets.resolve_model_dir(config.model.pretrained)
-    tok_dir = epath.Path(tok_dir)
-    tokenizer = tok_lib.load_tokenizer(tok_dir)
-    data = pipeline.TextData(config, tokenizer, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+    data, tokenizer, tok_dir = load_data(config)
     num_labels = data.num_labels
     model, hf_config, model_dir = build_model(config, num_labels)
+    input_keys = step_lib.input_keys(model)
+    layout = models.layout(config.model.family, hf_config)
     steps = resolve_steps(config, data.steps_per_epoch)
     total = steps["total"]
 
-    dummy = {k: jnp.ones((1, 8), jnp.int32) for k in step_lib.INPUT_KEYS}
-    init_fn = jax.jit(lambda rng: model.init(rng, *(dummy[k] for k in step_lib.INPUT_KEYS))["params"],
-                      out_shardings=rep)
+    dummy = dummy_inputs(model, config)
+    init_fn = jax.jit(lambda rng: model.init(rng, *dummy), out_shardings=rep)
     rng = jax.random.key(config.seed)
     params_rng, state_rng = jax.random.split(rng)
-    param_shapes = jax.eval_shape(init_fn, params_rng)
-    trainable_rules, lr_rules = methods.rules(config, int(hf_config["num_hidden_layers"]))
-    start_rules = methods.start_rules(config, int(hf_config["num_hidden_layers"]), data.steps_per_epoch)
+    variable_shapes = jax.eval_shape(init_fn, params_rng)
+    param_shapes = variable_shapes["params"]
+    trainable_rules, lr_rules = methods.rules(config, layout)
+    start_rules = methods.start_rules(config, layout, data.steps_per_epoch)
     tx, schedule, _ = optim.make_optimizer(config, param_shapes, total, trainable_rules, lr_rules, start_rules)
     trainable_mask = tree_lib.tree_from_rules(param_shapes, trainable_rules)
     total_params = tree_lib.count_params(param_shapes)
@@ -162,11 +277,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         info(f"method {config.method}; parameters by trainable rule:\n"
              + optim.format_rule_table(param_shapes, trainable_rules))
 
-    def make_state(params):
+    def make_state(variables):
+        params = variables["params"]
         return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                   opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+                                   opt_state=tx.init(params), rng=jax.random.key_data(state_rng),
+                                   model_state={k: v for k, v in variables.items() if k != "params"})
 
-    state_shapes = jax.eval_shape(make_state, param_shapes)
+    state_shapes = jax.eval_shape(make_state, variable_shapes)
     fingerprint = {
         "family": config.model.family, "num_labels": num_labels, "total_params": total_params,
         "param_shapes": {k: list(v.shape) for k, v in tree_lib.flatten(param_shapes).items()},
@@ -182,27 +299,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, extra = checkpointer.restore(_abstract(state_shapes, rep), latest)
         start_from = f"resumed from {workdir} at step {latest}"
     else:
-        params = init_fn(params_rng)
+        variables = jax.device_get(init_fn(params_rng))
         if config.init_from:
             loaded, _ = ckpt_lib.load_export(config.init_from)
             # Exports hold plain models where the method merges: method parameters the
             # export lacks start fresh; those it has (adapters, prompts) are loaded.
             present = tree_lib.flatten(loaded)
             absent = tuple(p for p in PEFT_PARAMS if not any(tree_lib.any_match(k, (p,)) for k in present))
-            params = tree_lib.merge(loaded, params, dont_load=absent)
+            variables["params"] = tree_lib.merge(loaded, variables["params"], dont_load=absent)
+            for collection, value in ckpt_lib.load_export_model_state(config.init_from).items():
+                if collection in variables:
+                    variables[collection] = tree_lib.merge(value, variables[collection])
             start_from = f"initialised from {config.init_from}"
         elif model_dir is not None:
-            from ftjax import convert
-            loaded = convert.load_pretrained(model_dir, family=config.model.family)
-            # The method's own parameters (adapters, prompts, ...) are not in the checkpoint.
-            dont_load = tuple(config.model.dont_load) + PEFT_PARAMS
-            params = tree_lib.merge(loaded, params, dont_load=dont_load)
+            variables = load_pretrained_variables(config, model_dir, variables, num_labels)
             start_from = f"pretrained {config.model.pretrained}"
         else:
             start_from = "scratch"
-        params = methods.post_load(config, params, tokenizer)
-        params = jax.device_put(params, rep)
-        state = jax.jit(make_state, out_shardings=rep)(params)
+        variables["params"] = methods.post_load(config, variables["params"], tokenizer)
+        variables = jax.device_put(variables, rep)
+        state = jax.jit(make_state, out_shardings=rep)(variables)
     start = int(state.step)
     if is_main:
         info(f"start: {start_from}; {total} steps ({data.steps_per_epoch} an epoch) on {mesh.size} "
@@ -211,7 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state_sharding = jax.tree.map(lambda _: rep, state_shapes)
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(model, tx, num_labels=num_labels, accum_steps=config.accum_steps,
-                                 trainable=trainable_mask), mesh, state_sharding)
+                                 trainable=trainable_mask, skip_nonfinite=config.nonfinite == "skip"),
+        mesh, state_sharding)
     eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), mesh, rep)
 
     writer = MetricWriter(workdir, enabled=is_main)
@@ -221,11 +338,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     examples_seen = int(extra.get("examples_seen", 0))
     tokens_seen = int(extra.get("tokens_seen", 0))
     stopped_early = bool(extra.get("stopped_early", False))
+    skipped_steps = int(extra.get("skipped_steps", 0))
 
     def extra_now():
         return {"best_value": best_value, "bad_evals": bad_evals, "train_time_s": train_time,
                 "examples_seen": examples_seen, "tokens_seen": tokens_seen,
-                "stopped_early": stopped_early}
+                "stopped_early": stopped_early, "skipped_steps": skipped_steps}
 
     # ---- the loop ---------------------------------------------------------------
     # Train time excludes compile (the first step of this process), evals and saves.
@@ -235,71 +353,112 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def train_time_now():
         return resumed_train_time + time.perf_counter() - loop_start - side_time
 
+    preemption = PreemptionWatch(checkpointer)
     bar = ProgressBar(total, start, enabled=is_main and config.progress_bar)
-    pending: list[dict] = []
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
+    last_saved = latest
+
+    def fetch_pending() -> list[dict]:
+        """Fetches the pending step metrics; stops at the first non-finite one."""
+        nonlocal skipped_steps
+        fetched = jax.device_get([m for _, m in pending])
+        steps_of = [s for s, _ in pending]
+        pending.clear()
+        for s, m in zip(steps_of, fetched):
+            skipped_steps += int(m.get("skipped", 0))
+            bad = [k for k in ("loss", "grad_norm", "accuracy") if k in m and not np.isfinite(m[k])]
+            if bad and config.nonfinite != "skip":
+                kept = (f"the last checkpoint, step {last_saved}, is kept" if last_saved is not None
+                        else "no checkpoint was saved yet")
+                raise NonFiniteError(
+                    f"train {bad[0]} is {float(m[bad[0]])} at step {s}; stopped ({kept}). Lower "
+                    "optimizer.lr or raise optimizer.warmup_steps, check the data, or set "
+                    "config.nonfinite=skip to drop such updates")
+        return fetched
     window_t, window_ex, window_tok = time.perf_counter(), 0, 0
     batches = data.train_batches(start_step=start) if start < total and not stopped_early else iter(())
-    for step in range(start + 1, total + 1):
-        if stopped_early:
-            break
-        t_step, side_before = time.perf_counter(), side_time
-        batch = next(batches)
-        n_tok = int(batch["attention_mask"].size) * jax.process_count()
-        state, metrics = train_step(state, step_lib.shard_batch(batch, mesh))
-        if compile_s is None:
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - t_step
-            side_time += compile_s
-        else:
-            examples_seen += config.batch_size
-            tokens_seen += n_tok
-            window_ex += config.batch_size
-            window_tok += n_tok
-        pending.append(metrics)
-        if step % steps["log_every"] == 0 or step == total:
-            fetched = jax.device_get(pending)
-            pending = []
-            dt = max(time.perf_counter() - window_t, 1e-9)
-            row = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            if not np.isfinite(row["train/loss"]):
-                raise FloatingPointError(f"non-finite train loss {row['train/loss']} at step {step}")
-            row["lr"] = float(schedule(step - 1))
-            row["examples_per_s"] = window_ex / dt
-            row["tokens_per_s"] = window_tok / dt
-            writer.write(step, row)
-            bar.update(step, loss=row["train/loss"], ex_per_s=row["examples_per_s"])
-            window_t, window_ex, window_tok = time.perf_counter(), 0, 0
-        else:
-            bar.update(step)
-
-        t_side = time.perf_counter()
-        if step % steps["eval_every"] == 0 or step == total:
-            jax.block_until_ready(state)
-            t_side = time.perf_counter()
-            dev = evaluate(eval_step, state.params, data, "dev", mesh, num_labels)
-            writer.write(step, {f"dev/{k}": v for k, v in dev.items()})
-            if config.metric not in dev:
-                raise UserError(f"config.metric={config.metric!r} is not a dev metric ({', '.join(dev)})")
-            value = dev[config.metric]
-            if _improved(value, best_value, config.metric_mode):
-                best_value, bad_evals = value, 0
+    try:
+        for step in range(start + 1, total + 1):
+            if stopped_early:
+                break
+            t_step, side_before = time.perf_counter(), side_time
+            batch = next(batches)
+            # tokens of the global batch, padding included (0 for images)
+            n_tok = int(batch["attention_mask"].size if "attention_mask" in batch else 0) * jax.process_count()
+            state, metrics = train_step(state, step_lib.shard_batch(batch, mesh))
+            if compile_s is None:
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - t_step
+                side_time += compile_s
             else:
-                bad_evals += 1
-            if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
-                stopped_early = True
-                info(f"early stop at step {step}: no dev {config.metric} gain in {bad_evals} evals")
-            side_time += time.perf_counter() - t_side
+                examples_seen += config.batch_size
+                tokens_seen += n_tok
+                window_ex += config.batch_size
+                window_tok += n_tok
+            pending.append((step, metrics))
+            preempted = preemption.requested(step)
+            if step % steps["log_every"] == 0 or step == total or preempted:
+                fetched = fetch_pending()
+                dt = max(time.perf_counter() - window_t, 1e-9)
+                # skipped (non-finite) steps stay out of the mean
+                kept = [m for m in fetched if not m.get("skipped", 0)] or fetched
+                row = {f"train/{k}": float(np.mean([m[k] for m in kept])) for k in kept[0] if k != "skipped"}
+                if config.nonfinite == "skip":
+                    row["train/skipped"] = float(sum(m["skipped"] for m in fetched))
+                row["lr"] = float(schedule(step - 1))
+                row["examples_per_s"] = window_ex / dt
+                row["tokens_per_s"] = window_tok / dt
+                writer.write(step, row)
+                bar.update(step, loss=row["train/loss"], ex_per_s=row["examples_per_s"])
+                window_t, window_ex, window_tok = time.perf_counter(), 0, 0
+            else:
+                bar.update(step)
+
             t_side = time.perf_counter()
-            train_time = train_time_now()
-            checkpointer.save_best(step, state, metrics=dev, extra=extra_now())
-        if step % steps["checkpoint_every"] == 0 or step == total or stopped_early:
-            jax.block_until_ready(state)
+            if pending and (step % steps["eval_every"] == 0 or step % steps["checkpoint_every"] == 0
+                            or step == total):
+                fetch_pending()  # never evaluate or save params a non-finite step produced
+            if step % steps["eval_every"] == 0 or step == total:
+                jax.block_until_ready(state)
+                t_side = time.perf_counter()
+                dev = evaluate(eval_step, step_lib.variables_of(state.params, state.model_state), data, "dev",
+                               mesh, num_labels, input_keys)
+                writer.write(step, {f"dev/{k}": v for k, v in dev.items()})
+                if config.metric not in dev:
+                    raise UserError(f"config.metric={config.metric!r} is not a dev metric ({', '.join(dev)})")
+                value = dev[config.metric]
+                if _improved(value, best_value, config.metric_mode):
+                    best_value, bad_evals = value, 0
+                else:
+                    bad_evals += 1
+                if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
+                    stopped_early = True
+                    info(f"early stop at step {step}: no dev {config.metric} gain in {bad_evals} evals")
+                side_time += time.perf_counter() - t_side
+                t_side = time.perf_counter()
+                train_time = train_time_now()
+                checkpointer.save_best(step, state, metrics=dev, extra=extra_now())
+            if step % steps["checkpoint_every"] == 0 or step == total or stopped_early or preempted:
+                jax.block_until_ready(state)
+                side_time += time.perf_counter() - t_side
+                t_side = time.perf_counter()
+                train_time = train_time_now()
+                checkpointer.save(step, state, extra=extra_now(), force=True)
+                last_saved = step
             side_time += time.perf_counter() - t_side
-            t_side = time.perf_counter()
-            train_time = train_time_now()
-            checkpointer.save(step, state, extra=extra_now(), force=True)
-        side_time += time.perf_counter() - t_side
-        window_t += side_time - side_before  # keep compile, eval and saves out of throughput
+            window_t += side_time - side_before  # keep compile, eval and saves out of throughput
+            if preempted:
+                checkpointer.wait()
+                if hasattr(batches, "close"):
+                    batches.close()
+                bar.close()
+                writer.close()
+                checkpointer.close()
+                raise Preempted(f"{preemption.reason} at step {step}: checkpoint saved in "
+                                f"{workdir / 'checkpoints' / str(step)}; run the same command again to "
+                                "continue from it")
+    finally:
+        preemption.close()
     train_time = train_time_now()
     if hasattr(batches, "close"):  # grain worker processes hold shared memory
         batches.close()
@@ -308,19 +467,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- final evaluation from the best checkpoint, export, summary ---------------
     final_step = int(state.step)
-    params = checkpointer.restore_best_params(_abstract(state_shapes.params, rep))
+    best = checkpointer.restore_best(_abstract(ckpt_lib.best_tree(state_shapes), rep))
     best_step = checkpointer.best_step()
-    if params is None:
-        params, best_step = state.params, final_step
+    if best is None:
+        best, best_step = ckpt_lib.best_tree(state), final_step
+    params, model_state = best["params"], best["model_state"]
+    variables = step_lib.variables_of(params, model_state)
     summary: dict[str, Any] = {
         "final_step": final_step, "best_step": best_step, "total_params": total_params,
         "trainable_params": trainable_params, "start": start_from,
-        "dev": evaluate(eval_step, params, data, "dev", mesh, num_labels),
-        "test": evaluate(eval_step, params, data, "test", mesh, num_labels) if data.has_split("test") else None,
+        "dev": evaluate(eval_step, variables, data, "dev", mesh, num_labels, input_keys),
+        "test": (evaluate(eval_step, variables, data, "test", mesh, num_labels, input_keys)
+                 if data.has_split("test") else None),
         "train_time_s": train_time,
         "examples_per_s": examples_seen / train_time if train_time else None,
-        "tokens_per_s": tokens_seen / train_time if train_time else None,
+        "tokens_per_s": tokens_seen / train_time if train_time and tokens_seen else None,
         "stopped_early": stopped_early, "num_devices": mesh.size, "compile_s": compile_s,
+        "skipped_steps": skipped_steps,
         "method": config.method,
         "label_names": list(data.label_names),
     }
@@ -328,20 +491,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         export_dir = workdir / "export"
         meta = {"family": config.model.family, "hf_config": hf_config, "num_labels": num_labels,
                 "label_names": list(data.label_names), "pooling": config.model.pooling,
-                "max_length": config.data.max_length, "text_keys": list(data.text_keys),
                 "step": best_step}
+        if tokenizer is not None:
+            meta.update(max_length=config.data.max_length, text_keys=list(data.text_keys))
+        else:
+            meta.update(image_size=int(config.data.image_size), preprocess=data.preprocess_meta())
         if is_main:
             export = methods.merged_for_export(config, jax.device_get(params), model.peft)
             if export is None:  # adapters, prompts, prefixes: the export keeps them
                 export = jax.device_get(params)
                 meta["method"] = config.method
                 meta["peft"] = dataclasses.asdict(model.peft)
-            ckpt_lib.export_params(export_dir, export, meta)
-            tok_out = export_dir / "tokenizer"
-            tok_out.mkdir(parents=True, exist_ok=True)
-            for name in TOKENIZER_FILES:
-                if (tok_dir / name).exists():
-                    (tok_dir / name).copy(tok_out / name, overwrite=True)
+            ckpt_lib.export_params(export_dir, export, meta, model_state=jax.device_get(model_state))
+            if tok_dir is not None:
+                tok_out = export_dir / "tokenizer"
+                tok_out.mkdir(parents=True, exist_ok=True)
+                for name in TOKENIZER_FILES:
+                    if (tok_dir / name).exists():
+                        (tok_dir / name).copy(tok_out / name, overwrite=True)
         summary["export"] = str(export_dir)
     writer.write(final_step, {f"final_dev/{k}": v for k, v in summary["dev"].items()})
     if is_main:

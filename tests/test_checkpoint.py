@@ -67,8 +67,8 @@ def test_keep_recent_and_best(tmp_path):
     c.wait()
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
     assert c.best_step() == 2
-    best = c.restore_best_params(_abstract(_state().params, mesh))
-    assert float(best["head"]["kernel"][0, 0]) == 2.0
+    best = c.restore_best(_abstract(ckpt_lib.best_tree(_state()), mesh))
+    assert float(best["params"]["head"]["kernel"][0, 0]) == 2.0 and best["model_state"] == {}
 
 
 def test_min_mode_best(tmp_path):

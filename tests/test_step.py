@@ -88,7 +88,7 @@ def test_eval_step_returns_sharded_logits_for_every_row():
     params = model.init(jax.random.key(0), b["input_ids"], b["attention_mask"], b["token_type_ids"])["params"]
     eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), mesh, step_lib.replicated(mesh))
     inputs = {k: b[k] for k in step_lib.INPUT_KEYS}
-    logits = step_lib.to_host(eval_step(params, step_lib.shard_batch(inputs, mesh)))
+    logits = step_lib.to_host(eval_step({"params": params}, step_lib.shard_batch(inputs, mesh)))
     expected = model.apply({"params": params}, b["input_ids"], b["attention_mask"], b["token_type_ids"])
     assert logits.shape == (16, 3)
     np.testing.assert_allclose(logits, np.asarray(expected), atol=1e-5)

@@ -1,4 +1,7 @@
-"""Pretrained weights -> ftjax parameter trees, cached as Orbax checkpoints.
+"""Pretrained weights -> ftjax variable trees, cached as Orbax checkpoints.
+
+Sources: HF snapshot folders (model.safetensors, a sharded index, or PyTorch
+pytorch_model.bin read by the torch-free reader) and EfficientNet-PyTorch .pth files.
 
   python -m ftjax.convert SRC DST    # SRC: HF folder, hub name or asset:NAME
 """
@@ -14,27 +17,56 @@ from typing import Any
 import numpy as np
 
 from ftjax import tree as tree_lib
-from ftjax.convert import bert as bert_map
 from ftjax.convert.safetensors_io import ConvertError, read_safetensors_folder
 
-__all__ = ["ConvertError", "convert_folder", "load_pretrained"]
-_MAPS = {"bert": bert_map.convert}
-_CACHE_VERSION = "1"
+__all__ = ["ConvertError", "convert_folder", "convert_variables", "load_pretrained", "load_pretrained_variables"]
+_MAPS = {"bert": "ftjax.convert.bert", "vit": "ftjax.convert.vit", "resnet": "ftjax.convert.resnet",
+         "efficientnet": "ftjax.convert.efficientnet"}
+_CACHE_VERSION = "2"
+
+
+def read_weights(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of a folder: safetensors if there, else one PyTorch .bin/.pth (safe reader)."""
+    model_dir = pathlib.Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConvertError(f"model folder {model_dir} does not exist")
+    if (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file():
+        return read_safetensors_folder(model_dir)
+    torch_files = sorted(model_dir.glob("*.bin")) + sorted(model_dir.glob("*.pth"))
+    if len(torch_files) == 1:
+        from ftjax.convert import torch_pickle
+
+        tensors = torch_pickle.load_state_dict(torch_files[0])
+        # fp16 up to float32, as the safetensors reader does (bf16 comes back as float32)
+        return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in tensors.items()}
+    if torch_files:
+        raise ConvertError(f"{model_dir} has several PyTorch weight files "
+                           f"({', '.join(f.name for f in torch_files)}); keep one")
+    return read_safetensors_folder(model_dir)  # raises its "no weights" error
+
+
+def convert_variables(model_dir: str | pathlib.Path, family: str = "bert") -> dict[str, Any]:
+    """Converts a folder's weights into nested variables {"params": ..., ["batch_stats": ...]}."""
+    import importlib
+
+    if family not in _MAPS:
+        raise ConvertError(f"no converter for model family {family!r}; known: {', '.join(_MAPS)}")
+    flat = importlib.import_module(_MAPS[family]).convert(read_weights(model_dir))
+    if not flat:
+        raise ConvertError(f"{model_dir} holds no {family} weights")
+    if family == "bert":  # the text map names params only
+        flat = {f"params/{k}": v for k, v in flat.items()}
+    return tree_lib.unflatten(flat)
 
 
 def convert_folder(model_dir: str | pathlib.Path, family: str = "bert") -> dict[str, Any]:
-    """Converts an HF snapshot folder's weights into a nested params dict (numpy)."""
-    if family not in _MAPS:
-        raise ConvertError(f"no converter for model family {family!r}; known: {', '.join(_MAPS)}")
-    flat = _MAPS[family](read_safetensors_folder(model_dir))
-    if not flat:
-        raise ConvertError(f"{model_dir} holds no {family} weights")
-    return tree_lib.unflatten(flat)
+    """Converts a folder's weights into the nested params dict ({family: ..., "head": ...})."""
+    return convert_variables(model_dir, family)["params"]
 
 
 def _cache_key(model_dir: pathlib.Path, family: str) -> str:
     h = hashlib.sha256(f"{_CACHE_VERSION}|{family}|{model_dir.resolve()}".encode())
-    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.json")):
+    for f in sorted(p for pattern in ("*.safetensors", "*.json", "*.bin", "*.pth") for p in model_dir.glob(pattern)):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]
@@ -62,15 +94,15 @@ def load_params(path: pathlib.Path) -> Any:
     return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path.resolve()))
 
 
-def load_pretrained(model_dir: str | pathlib.Path, family: str = "bert") -> dict[str, Any]:
-    """The converted params of `model_dir`, from the conversion cache when present.
+def load_pretrained_variables(model_dir: str | pathlib.Path, family: str = "bert") -> dict[str, Any]:
+    """The converted variables of `model_dir`, from the conversion cache when present.
 
     Args:
-      model_dir: HF-layout folder (config.json + safetensors).
+      model_dir: HF-layout folder (config.json + weights) or a folder with one .pth.
       family: encoder family, selects the name map.
 
     Returns:
-      Nested dict of numpy arrays rooted like the classifier's params ({"bert": ...}).
+      {"params": {family: ..., maybe "head": ...}, maybe "batch_stats": ...} of numpy arrays.
     """
     from ftjax import assets
 
@@ -81,13 +113,18 @@ def load_pretrained(model_dir: str | pathlib.Path, family: str = "bert") -> dict
             return load_params(cached)
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt from the source
             pass
-    params = convert_folder(model_dir, family)
+    variables = convert_variables(model_dir, family)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        save_params(cached, params)
+        save_params(cached, variables)
     except OSError:  # a read-only cache costs time, not correctness
         pass
-    return params
+    return variables
+
+
+def load_pretrained(model_dir: str | pathlib.Path, family: str = "bert") -> dict[str, Any]:
+    """The converted params (the "params" collection) of `model_dir`; see load_pretrained_variables."""
+    return load_pretrained_variables(model_dir, family)["params"]
 
 
 def write_converted(src: str, dst: str, family: str = "bert") -> int:
@@ -95,10 +132,14 @@ def write_converted(src: str, dst: str, family: str = "bert") -> int:
     from ftjax import assets
 
     model_dir = assets.resolve_model_dir(src)
-    params = convert_folder(model_dir, family)
+    variables = convert_variables(model_dir, family)
+    params = variables["params"]
     dst_path = pathlib.Path(dst)
     dst_path.mkdir(parents=True, exist_ok=True)
     save_params(dst_path / "params", params)
-    shutil.copy(model_dir / "config.json", dst_path / "config.json")
+    if len(variables) > 1:
+        save_params(dst_path / "model_state", {k: v for k, v in variables.items() if k != "params"})
+    if (model_dir / "config.json").is_file():
+        shutil.copy(model_dir / "config.json", dst_path / "config.json")
     (dst_path / "source.json").write_text(json.dumps({"source": str(model_dir), "family": family}) + "\n")
     return tree_lib.count_params(params)

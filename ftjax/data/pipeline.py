@@ -4,8 +4,10 @@ complete eval passes, tokenized per global batch and sliced per process.
 Every batch is a pure function of (split, global step or eval batch index): the train
 order of epoch e is a permutation seeded by (config.seed, e), read by random access
 from the TFDS array_record source. So `train_batches(start_step=s)` starts at step s
-in O(1), with no replay, and every process computes the same global batch, tokenizes
-it, pads it to the same bucket length and keeps only its own rows.
+in O(1), with no replay, and the data position needs no iterator state in the
+checkpoint: the step is the position. Every process computes the same global batch
+indices, reads and tokenizes only its own rows, and pads them to the bucket of the
+whole global batch (from token lengths of all examples, counted once at start).
 """
 
 from __future__ import annotations
@@ -121,33 +123,47 @@ class _Batcher:
             out[start:start + len(records)] = [len(ids) for ids, _ in encoded]
         return out
 
-    def __call__(self, indices: np.ndarray, mask: np.ndarray | None) -> Batch:
-        idx = [int(i) for i in indices]
+    def __call__(self, indices: np.ndarray, mask: np.ndarray | None,
+                 lengths: np.ndarray | None = None) -> Batch:
+        """This process's rows of the global batch `indices`.
+
+        Args:
+          indices: the global batch's example indices (every process passes the same).
+          mask: eval row mask of the global batch, or None for train.
+          lengths: token lengths of all examples. With it, a process reads and
+            tokenizes only its own rows and still pads like every other process;
+            without it (one process) the rows themselves decide the length.
+        """
+        b = len(indices) // self.process_count
+        lo, hi = self.process_index * b, (self.process_index + 1) * b
+        if lengths is None and self.process_count > 1:
+            raise ValueError("several processes need the token lengths of all examples")
+        mine = [int(i) for i in indices[lo:hi]]
         # One read per record: TFDS's __getitems__ is ~30% faster, but tfds.testing.mock_data
         # (4.9.10) breaks it, and reads are not the bottleneck at a few thousand examples/s.
-        records = [self.source[i] for i in idx]
+        records = [self.source[i] for i in mine]
         texts = [[_to_str(r[k]) for r in records] for k in self.text_keys]
         encoded = self.tokenizer.encode(texts[0], texts[1] if len(texts) > 1 else None,
                                         self.max_length)
         # The whole global batch decides the length, so every process pads alike.
-        length = pick_length(max(len(ids) for ids, _ in encoded), self.buckets)
+        longest = (int(lengths[np.asarray(indices, np.int64)].max()) if lengths is not None
+                   else max(len(ids) for ids, _ in encoded))
+        length = pick_length(longest, self.buckets)
         labels = np.asarray([r[self.label_key] for r in records])
         if not self.regression:
             bad = np.flatnonzero((labels < 0) | (labels >= self.num_labels))
             if bad.size:
                 k = int(bad[0])
-                raise UserError(f"split {self.split!r}: example {idx[k]} has label {labels[k]}, "
+                raise UserError(f"split {self.split!r}: example {mine[k]} has label {labels[k]}, "
                                 f"outside [0, {self.num_labels}); check data.label_key and the "
                                 "split's labels (e.g. GLUE test labels are hidden as -1)")
-        b = len(idx) // self.process_count
-        lo, hi = self.process_index * b, (self.process_index + 1) * b
         ids = np.full((b, length), self.tokenizer.pad_id, np.int32)
         types = np.zeros((b, length), np.int32)
         attention = np.zeros((b, length), np.int32)
-        for row, (tok, typ) in enumerate(encoded[lo:hi]):
+        for row, (tok, typ) in enumerate(encoded):
             ids[row, :len(tok)], types[row, :len(typ)], attention[row, :len(tok)] = tok, typ, 1
         batch = {"input_ids": ids, "attention_mask": attention, "token_type_ids": types,
-                 "label": labels[lo:hi].astype(np.float32 if self.regression else np.int32)}
+                 "label": labels.astype(np.float32 if self.regression else np.int32)}
         if mask is not None:
             batch["mask"] = mask[lo:hi].astype(np.float32)
         return batch
@@ -164,12 +180,16 @@ class _TrainStep:
         self._lengths: np.ndarray | None = None
         self._order: tuple[int, np.ndarray] | None = None
 
+    def lengths(self) -> np.ndarray:
+        if self._lengths is None:
+            self._lengths = self.batcher.lengths(self.n)
+        return self._lengths
+
     def order(self, epoch: int) -> np.ndarray:
         """The example order of `epoch` (a function of seed and epoch only)."""
         order = epoch_order(self.n, self.seed, epoch, self.window)
         if self.group > 0:
-            if self._lengths is None:
-                self._lengths = self.batcher.lengths(self.n)
+            self.lengths()
             rng = np.random.default_rng(np.random.SeedSequence([self.seed % (1 << 32), epoch, 0x6A0B]))
             order = group_by_length(order, self._lengths, self.batch_size, self.group, rng)
         return order
@@ -179,7 +199,8 @@ class _TrainStep:
         cached = self._order
         if cached is None or cached[0] != epoch:
             cached = self._order = (epoch, self.order(epoch))
-        return self.batcher(cached[1][i * self.batch_size:(i + 1) * self.batch_size], None)
+        lengths = self.lengths() if self.batcher.process_count > 1 else None
+        return self.batcher(cached[1][i * self.batch_size:(i + 1) * self.batch_size], None, lengths)
 
 
 class _EvalStep:
@@ -188,8 +209,9 @@ class _EvalStep:
     def __init__(self, batcher: _Batcher, n: int, batch_size: int, by_length: bool = False):
         self.batcher, self.n, self.batch_size = batcher, n, batch_size
         # Metrics do not depend on order: sorting by length only removes padding.
-        self.order = (np.argsort(batcher.lengths(n), kind="stable") if by_length
-                      else np.arange(n))
+        needs_lengths = by_length or batcher.process_count > 1
+        self.lengths = batcher.lengths(n) if needs_lengths else None
+        self.order = np.argsort(self.lengths, kind="stable") if by_length else np.arange(n)
 
     def __call__(self, i: int) -> Batch:
         indices = self.order[i * self.batch_size:min((i + 1) * self.batch_size, self.n)]
@@ -197,7 +219,7 @@ class _EvalStep:
         mask[:indices.size] = 1
         # Dummy rows repeat example 0: a real input keeps pooling and losses finite.
         indices = np.concatenate([indices, np.zeros(self.batch_size - indices.size, np.int64)])
-        return self.batcher(indices, mask)
+        return self.batcher(indices, mask, self.lengths)
 
 
 class TextData:

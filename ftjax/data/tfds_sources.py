@@ -1,9 +1,15 @@
 """Random-access TFDS sources for the splits a config names, without TensorFlow.
 
 Three kinds of `config.data.name`:
-  * "rotten_tomatoes", "local_text": ftjax's own builders (ftjax/data/builders).
-  * anything else: a TFDS catalog name ("glue/sst2", "imdb_reviews"), prepared with
+  * "rotten_tomatoes", "local_text": ftjax's own text builders (ftjax/data/builders).
+  * "fashion_mnist", "image_folder": ftjax's own image builders.
+  * anything else: a TFDS catalog name ("glue/sst2", "imdb_reviews", "cifar10",
+    "oxford_iiit_pet"), prepared with
     `tfds.builder(name).download_and_prepare(file_format="array_record")`.
+A dataset is an image dataset when it is one of ftjax's image builders or its feature
+`config.data.image_key` is a TFDS Image (or a 3-D uint8 Tensor); then `Sources.image_key`
+names that feature and `text_keys` is empty. Otherwise it is text, read through
+`config.data.text_keys`.
 All are read with `builder.as_data_source(split)` (array_record + grain): TFDS's
 `as_dataset` would need TensorFlow.
 """
@@ -30,6 +36,9 @@ _LEGACY_MODULES = {
 }
 
 ROLES = ("train", "dev", "test")
+# ftjax builders whose splits are the roles themselves, and whose features are fixed.
+_ROLE_SPLITS = ("local_text", "image_folder")
+_IMAGE_BUILDERS = ("fashion_mnist", "image_folder")
 
 
 @dataclasses.dataclass
@@ -41,10 +50,12 @@ class Sources:
       splits: role ("train", "dev", "test") -> data source (len, __getitem__,
         __getitems__); absent roles are missing.
       split_names: role -> the dataset's split name, for messages.
-      text_keys: feature keys of the text (one) or text pair (two).
+      text_keys: feature keys of the text (one) or text pair (two); empty for images.
       label_key: feature key of the label.
       label_names: class names; empty for regression.
       regression: float labels.
+      image_key: feature key of the image (a uint8 array [H, W, C], or encoded image
+        bytes for image_folder); None for text datasets.
     """
 
     name: str
@@ -54,6 +65,7 @@ class Sources:
     label_key: str
     label_names: list[str]
     regression: bool
+    image_key: str | None = None
 
 
 def default_data_dir(config) -> str:
@@ -109,7 +121,19 @@ def _prepare_catalog(name: str, data_dir: str):
             f"TFDS dataset {name!r} could not be downloaded and prepared into {data_dir} "
             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); offline, use "
             "data.name=local_text with data.files.*, or a data.data_dir where it is already "
-            "prepared as array_record") from None
+            "prepared as array_record; for images, data.name=image_folder with data.folder "
+            "or data.name=fashion_mnist") from None
+
+
+def _is_image(feature) -> bool:
+    """A TFDS Image, or a uint8 Tensor [H, W, C] (as ftjax's fashion_mnist stores)."""
+    import tensorflow_datasets as tfds
+
+    if isinstance(feature, tfds.features.Image):
+        return True
+    shape = getattr(feature, "shape", None)
+    return (isinstance(feature, tfds.features.Tensor) and shape is not None and len(shape) == 3
+            and feature.np_dtype == np.uint8)
 
 
 def _label_info(features, label_key: str, name: str) -> tuple[list[str], bool]:
@@ -135,6 +159,7 @@ def load_sources(config) -> Sources:
     Roles map to split names through config.data.{train,dev,test}_split; test_split
     None means no test split. For local_text the roles are the files given in
     config.data.files, and the text/label columns come from config.data.*_column.
+    For image_folder the roles are the splits its folder yields (train, dev, test).
 
     Args:
       config: the experiment config.
@@ -151,19 +176,30 @@ def load_sources(config) -> Sources:
         builder = _prepare_catalog(d.name, data_dir)
 
     features = builder.info.features
-    if d.name == "local_text":
+    if d.name in _ROLE_SPLITS:
         names = {r: r for r, f in (("train", d.files.train), ("dev", d.files.dev),
                                    ("test", d.files.test)) if f}
+        if d.name == "image_folder":  # the roles its folder has
+            names = {r: r for r in ROLES if r in builder.info.splits}
         text_keys = ("text", "text_pair") if d.text_pair_column else ("text",)
         label_key = "label"
     else:
         names = {r: s for r, s in (("train", d.train_split), ("dev", d.dev_split),
                                    ("test", d.test_split)) if s}
         text_keys, label_key = tuple(d.text_keys), d.label_key
-    if not 1 <= len(text_keys) <= 2:
+    image_key = None
+    if d.name in _IMAGE_BUILDERS:
+        image_key, text_keys = "image", ()
+    elif d.image_key and d.image_key in features and _is_image(features[d.image_key]):
+        image_key, text_keys = d.image_key, ()
+    if image_key is None and not 1 <= len(text_keys) <= 2:
         raise UserError(f"data.text_keys must name one text or a pair, got {text_keys}")
     for key in text_keys:
         if key not in features:
+            images = [k for k, f in features.items() if _is_image(f)]
+            if images:  # an image dataset whose image feature has another name
+                raise UserError(f"data.image_key={d.image_key!r} is not an image feature of "
+                                f"{d.name}; its image features: {', '.join(images)}")
             raise UserError(f"data.text_keys: {key!r} is not a feature of {d.name}; "
                             f"features: {', '.join(features)}")
     label_names, regression = _label_info(features, label_key, d.name)
@@ -185,4 +221,5 @@ def load_sources(config) -> Sources:
             raise UserError(f"cannot open split {split!r} of {d.name} in {data_dir} (it must be "
                             f"prepared as array_record): {' '.join(str(e).split())[:200]}") from None
     return Sources(name=d.name, splits=splits, split_names=names, text_keys=text_keys,
-                   label_key=label_key, label_names=label_names, regression=regression)
+                   label_key=label_key, label_names=label_names, regression=regression,
+                   image_key=image_key)

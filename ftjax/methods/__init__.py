@@ -1,13 +1,13 @@
 """Fine-tuning methods as plug-ins.
 
 A method is one module here with
-  trainable_rules(method_args, num_layers) -> [(regex, bool)]: what trains, in order;
+  trainable_rules(method_args, layout) -> [(regex, bool)]: what trains, in order;
   peft(method_args) -> models.layers.Peft: what it adds to the model (LoRA, ...);
 and optionally
   post_load(params, method_args, tokenizer, seed) -> params: initialisation that needs
     the pretrained weights (prompt tuning's vocabulary init);
   merge(params[, peft]) -> params: fold the additions into a plain model (LoRA, IA3);
-  start_rules(method_args, num_layers, steps_per_epoch) -> [(regex, step)]: the step
+  start_rules(method_args, layout, steps_per_epoch) -> [(regex, step)]: the step
     from which params train (gradual unfreezing).
 It never touches the trainer. `config.method_args.layerwise_lr_decay` combines with any
 method: lr x decay^(depth from the top), the head and pooler at depth 0.
@@ -21,6 +21,7 @@ from ftjax.errors import UserError
 from ftjax.methods import (adapter, bitfit, freeze, full, gradual_unfreezing, ia3, layernorm, linear_probe,
                            lora, prefix, prompt)
 from ftjax.models.layers import Peft
+from ftjax.models.layout import Layout, as_layout
 
 METHODS: dict[str, ModuleType] = {
     "full": full,
@@ -43,27 +44,30 @@ def get(name: str) -> ModuleType:
     return METHODS[name]
 
 
-def layerwise_lr_rules(decay: float, num_layers: int) -> list[tuple[str, float]]:
-    """lr multipliers decay^(depth from the top): head/pooler 1, top layer decay, ... embeddings."""
+def layerwise_lr_rules(decay: float, layout: Layout | int) -> list[tuple[str, float]]:
+    """lr multipliers decay^(depth from the top): head and top 1, top block decay, ... stem."""
     if not 0 < decay <= 1:
         raise UserError(f"method_args.layerwise_lr_decay={decay} must be in (0, 1]")
     if decay == 1:
         return []
-    rules = [(r"head/.*", 1.0), (r".*/pooler/.*", 1.0)]
-    rules += [(rf".*/layer_{i}/.*", decay ** (num_layers - i)) for i in range(num_layers)]
-    rules.append((r".*/embeddings/.*", decay ** (num_layers + 1)))
+    layout = as_layout(layout)
+    n = layout.num_layers
+    rules = [(r"head/.*", 1.0)] + [(pattern, 1.0) for pattern in layout.top]
+    rules += [(layout.groups[i + 1], decay ** (n - i)) for i in range(n)]
+    rules.append((layout.groups[0], decay ** (n + 1)))
     return rules
 
 
-def rules(config, num_layers: int) -> tuple[list, list]:
+def rules(config, layout: Layout | int) -> tuple[list, list]:
     """(trainable rules, lr rules) of the config's method, before the config's own rules.
 
     The config's `optimizer.trainable` / `optimizer.lr_rules` follow the method's, so
     they apply to whatever the method leaves uncovered.
     """
     method = get(config.method)
-    trainable = list(method.trainable_rules(config.method_args, num_layers)) + list(config.optimizer.trainable)
-    lr = layerwise_lr_rules(float(config.method_args.layerwise_lr_decay), num_layers)
+    layout = as_layout(layout)
+    trainable = list(method.trainable_rules(config.method_args, layout)) + list(config.optimizer.trainable)
+    lr = layerwise_lr_rules(float(config.method_args.layerwise_lr_decay), layout)
     return trainable, lr + list(config.optimizer.lr_rules)
 
 
@@ -90,9 +94,9 @@ def merged_for_export(config, params, peft_spec: Peft):
     return params
 
 
-def start_rules(config, num_layers: int, steps_per_epoch: int):
+def start_rules(config, layout: Layout | int, steps_per_epoch: int):
     """[(regex, first training step)] of the method, or None when everything starts at once."""
     method = get(config.method)
     if hasattr(method, "start_rules"):
-        return method.start_rules(config.method_args, num_layers, steps_per_epoch)
+        return method.start_rules(config.method_args, as_layout(layout), steps_per_epoch)
     return None

@@ -9,10 +9,11 @@ so they cannot be merged into a plain BERT.
 
 from ftjax.errors import UserError
 from ftjax.models.layers import Peft
+from ftjax.models.layout import Layout
 
 
-def trainable_rules(args, num_layers: int) -> list[tuple[str, bool]]:
-    del args, num_layers
+def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
+    del args, layout
     return [(r"head/.*", True), (r".*_adapter/.*", True), (r".*LayerNorm.*", True), (r".*", False)]
 
 

@@ -1,10 +1,11 @@
 """Full fine-tuning: every parameter trains."""
 
 from ftjax.models.layers import Peft
+from ftjax.models.layout import Layout
 
 
-def trainable_rules(args, num_layers: int) -> list[tuple[str, bool]]:
-    del args, num_layers
+def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
+    del args, layout
     return [(r".*", True)]
 
 

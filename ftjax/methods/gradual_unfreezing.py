@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from ftjax.errors import UserError
 from ftjax.models.layers import Peft
+from ftjax.models.layout import Layout
 
 
-def trainable_rules(args, num_layers: int) -> list[tuple[str, bool]]:
-    del args, num_layers
+def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
+    del args, layout
     return [(r".*", True)]
 
 
@@ -22,7 +23,7 @@ def peft(args) -> Peft:
     return Peft()
 
 
-def start_rules(args, num_layers: int, steps_per_epoch: int) -> list[tuple[str, int]]:
+def start_rules(args, layout: Layout, steps_per_epoch: int) -> list[tuple[str, int]]:
     """(regex, first step the params train) per layer group, top to bottom."""
     if (args.unfreeze_every_steps is None) == (args.unfreeze_every_epochs is None):
         raise UserError("method=gradual_unfreezing needs exactly one of method_args.unfreeze_every_steps "
@@ -31,7 +32,8 @@ def start_rules(args, num_layers: int, steps_per_epoch: int) -> list[tuple[str, 
              else int(round(args.unfreeze_every_epochs * steps_per_epoch)))
     if every < 1:
         raise UserError(f"gradual unfreezing every {every} steps: it must be at least 1")
-    rules = [(r"head/.*", 0), (r".*/pooler/.*", every)]
-    rules += [(rf".*/layer_{i}/.*", (num_layers - i) * every) for i in range(num_layers)]
-    rules.append((r".*", (num_layers + 1) * every))  # embeddings and anything below
+    n = layout.num_layers
+    rules = [(r"head/.*", 0)] + [(pattern, every) for pattern in layout.top]
+    rules += [(layout.groups[i + 1], (n - i) * every) for i in range(n)]
+    rules.append((r".*", (n + 1) * every))  # the stem and anything below
     return rules

@@ -14,10 +14,11 @@ import numpy as np
 from ftjax import tree as tree_lib
 from ftjax.errors import UserError
 from ftjax.models.layers import Peft
+from ftjax.models.layout import Layout
 
 
-def trainable_rules(args, num_layers: int) -> list[tuple[str, bool]]:
-    del num_layers
+def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
+    del layout
     return [(r"head/.*", True), (r".*/lora_[ab]", True), (r".*/bias", bool(args.lora_train_bias)),
             (r".*", False)]
 

@@ -1,8 +1,9 @@
-"""Task heads on top of an encoder: sequence classification and regression."""
+"""Task heads on top of an encoder: sequence and image classification (and regression)."""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from ftjax.models import bert
 from ftjax.models.layers import Peft
 
 POOLINGS = ("pooler", "cls", "mean")
+TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 # family -> encoder module; the module is created under the family's name ("bert/...").
 ENCODERS = {"bert": bert.BertModel}
 
@@ -38,6 +40,7 @@ class SequenceClassifier(nn.Module):
     initializer_range: float = 0.02
     dtype: Any = jnp.float32
     peft: Peft = Peft()
+    input_keys: ClassVar[tuple[str, ...]] = TEXT_INPUT_KEYS
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -53,4 +56,59 @@ class SequenceClassifier(nn.Module):
         x = nn.Dropout(self.head_dropout, deterministic=not train)(pooled)
         logits = nn.Dense(self.num_labels, name="head", dtype=self.dtype, param_dtype=jnp.float32,
                           kernel_init=nn.initializers.normal(self.initializer_range))(x)
+        return logits.astype(jnp.float32)
+
+
+# family -> (module, encoder class); imported on first use.
+IMAGE_ENCODERS = {"vit": ("ftjax.models.vit", "ViTModel"),
+                  "resnet": ("ftjax.models.resnet", "ResNetModel"),
+                  "efficientnet": ("ftjax.models.efficientnet", "EfficientNetModel")}
+
+
+def image_encoder_class(family: str):
+    module, name = IMAGE_ENCODERS[family]
+    return getattr(importlib.import_module(module), name)
+
+
+class ImageClassifier(nn.Module):
+    """image encoder -> feature vector -> dropout -> Dense(num_labels) named "head".
+
+    The head starts at zero, as in big_vision and vit_jax fine-tuning: the first
+    steps then move the head only where the gradient points, not a random projection.
+
+    Attributes:
+      family: key of IMAGE_ENCODERS; the encoder's params live under this name.
+      encoder_config: the encoder's config dataclass.
+      num_labels: classes; 1 means regression.
+      head_dropout: dropout before the head.
+      dropout: overrides the encoder's dropout when set (ViT hidden dropout, CNN
+        stochastic depth / classifier dropout where the family has it).
+      update_batch_stats: CNNs: train steps use and update batch statistics; else
+        the stored statistics are used and kept (the default; right for small batches).
+      image_size: ViT: the input resolution its position embeddings are made for.
+    """
+
+    family: str
+    encoder_config: Any
+    num_labels: int
+    head_dropout: float = 0.0
+    dropout: float | None = None
+    dtype: Any = jnp.float32
+    peft: Peft = Peft()
+    update_batch_stats: bool = False
+    image_size: int | None = None
+    input_keys: ClassVar[tuple[str, ...]] = ("image",)
+
+    @nn.compact
+    def __call__(self, image, *, train: bool = False):
+        """image: float32 NHWC, normalised. Returns float32 logits [B, num_labels]."""
+        kwargs: dict[str, Any] = {"dtype": self.dtype, "peft": self.peft, "name": self.family}
+        if self.family == "vit":
+            kwargs.update(image_size=self.image_size, dropout_override=self.dropout)
+        else:
+            kwargs.update(update_batch_stats=self.update_batch_stats)
+        features = image_encoder_class(self.family)(self.encoder_config, **kwargs)(image, train=train)
+        x = nn.Dropout(self.head_dropout, deterministic=not train)(features)
+        logits = nn.Dense(self.num_labels, name="head", dtype=self.dtype, param_dtype=jnp.float32,
+                          kernel_init=nn.initializers.zeros)(x)
         return logits.astype(jnp.float32)

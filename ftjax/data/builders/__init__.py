@@ -19,6 +19,10 @@ from typing import Any
 BUILDERS = {
     "rotten_tomatoes": "ftjax.data.builders.rotten_tomatoes",
     "local_text": "ftjax.data.builders.local_text",
+    # Offline Fashion-MNIST from the pinned asset (builder "ftjax_fashion_mnist"): the
+    # name shadows TFDS's catalog entry, which would need a download.
+    "fashion_mnist": "ftjax.data.builders.fashion_mnist",
+    "image_folder": "ftjax.data.builders.image_folder",
 }
 
 

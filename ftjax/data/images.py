@@ -1,0 +1,445 @@
+"""grain input pipeline for image classification: exact-resume train batches with
+augmentation, complete eval passes, and per-process slices.
+
+The same contract as ftjax/data/pipeline.py's TextData. The train order of epoch e is
+`pipeline.epoch_order(n, seed, e)`; the augmentation of row r of global step s draws
+from a generator seeded by (seed, s, r) alone. So every batch is a pure function of
+(seed, step): `train_batches(start_step=s)` starts at step s with no replay, and each
+process decodes only its own rows of the global batch yet gets exactly the rows a
+single process would.
+
+Images are decoded and resized with PIL (which releases the GIL, so grain's read
+threads, data.num_threads, run in parallel), cropped, flipped and normalised with
+numpy. Sources may hold decoded uint8 arrays [H, W, C] (TFDS Image or Tensor
+features) or encoded bytes (image_folder); JPEG bytes are decoded at a reduced scale
+when the target size allows (PIL `draft`), which is most of the speed on photos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from ftjax.data import tfds_sources
+from ftjax.data.pipeline import epoch_order
+from ftjax.errors import UserError
+
+Batch = dict[str, np.ndarray]
+_FOREVER = 1 << 62  # the train stream's length: epochs repeat without end
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 units
+IMAGENET_STD = (58.395, 57.12, 57.375)
+RESIZE = ("resize", "resize_crop")
+TRAIN_AUGMENT = ("none", "random_resized_crop", "pad_crop")
+RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePreprocess:
+    """How a raw image becomes a float32 [S, S, 3] model input.
+
+    Attributes:
+      image_size: S, the square output size.
+      resize: eval geometry: "resize" (straight to S x S, aspect not kept) or
+        "resize_crop" (shorter side to S / crop_fraction, then the central S x S).
+      crop_fraction: of "resize_crop" (0.875: 256 -> 224).
+      train_augment: train geometry: "none" (the eval geometry), "random_resized_crop"
+        (a crop of crop_scale of the area and aspect ratio in crop_ratio, uniform in
+        log-ratio, resized to S x S; Inception / torchvision style with 10 tries and a
+        center-crop fallback) or "pad_crop" (the "resize" geometry, zero-padded by
+        crop_padding on each side, then a random S x S crop: CIFAR style).
+      crop_scale: (min, max) area fraction of "random_resized_crop".
+      crop_ratio: (min, max) width / height of "random_resized_crop".
+      crop_padding: pixels of "pad_crop".
+      flip: random horizontal flip (p = 0.5) in training.
+      mean: per-channel mean in 0..255 units (one value or three).
+      std: per-channel std in 0..255 units (one value or three).
+      resample: PIL filter: "nearest", "bilinear", "bicubic" or "lanczos".
+    """
+
+    image_size: int = 224
+    resize: str = "resize_crop"
+    crop_fraction: float = 0.875
+    train_augment: str = "random_resized_crop"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_padding: int = 4
+    flip: bool = True
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resample: str = "bilinear"
+
+    def __post_init__(self):
+        def bad(key, value, why):
+            raise UserError(f"data.{key}={value!r}: {why}")
+
+        if self.image_size <= 0:
+            bad("image_size", self.image_size, "must be positive")
+        if self.resize not in RESIZE:
+            bad("resize", self.resize, f"must be one of {', '.join(RESIZE)}")
+        if not 0 < self.crop_fraction <= 1:
+            bad("crop_fraction", self.crop_fraction, "must be in (0, 1]")
+        if self.train_augment not in TRAIN_AUGMENT:
+            bad("train_augment", self.train_augment, f"must be one of {', '.join(TRAIN_AUGMENT)}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            bad("crop_scale", self.crop_scale, "must be (min, max) with 0 < min <= max <= 1")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            bad("crop_ratio", self.crop_ratio, "must be (min, max) with 0 < min <= max")
+        if self.crop_padding < 0:
+            bad("crop_padding", self.crop_padding, "must be >= 0")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if len(value) not in (1, 3):
+                bad(key, value, "must hold one value or three (per RGB channel)")
+        if min(self.std) <= 0:
+            bad("std", self.std, "must be positive")
+        if self.resample not in RESAMPLE:
+            bad("resample", self.resample, f"must be one of {', '.join(RESAMPLE)}")
+        # Arrays for the hot path (frozen dataclass: set through object.__setattr__).
+        object.__setattr__(self, "_mean", np.asarray(self.mean, np.float32))
+        object.__setattr__(self, "_inv_std", 1 / np.asarray(self.std, np.float32))
+
+    # ---- decoding ------------------------------------------------------------------
+
+    def _open(self, image: Any, min_side: int):
+        """A PIL image in mode "L" or "RGB" from an array or encoded bytes.
+
+        Args:
+          image: uint8 [H, W], [H, W, 1|3|4], or encoded bytes.
+          min_side: JPEGs may be decoded at a reduced scale, keeping both sides >= this.
+        """
+        from PIL import Image
+
+        if isinstance(image, (bytes, np.bytes_)):
+            im = Image.open(io.BytesIO(image))
+            if im.format in ("JPEG", "MPO"):
+                im.draft("RGB", (min_side, min_side))  # >= min_side on both sides
+        else:
+            a = np.asarray(image)
+            if a.ndim == 3 and a.shape[-1] == 1:
+                a = a[:, :, 0]
+            if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+                raise ValueError(f"expected a uint8 image [H, W], [H, W, 1|3|4], got "
+                                 f"{a.dtype} {list(a.shape)}")
+            im = Image.fromarray(a)
+        # Grayscale stays one channel through resizing (3x cheaper) and is repeated to
+        # RGB at the end; everything else (RGBA, palette, CMYK, ...) becomes RGB.
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("L" if im.mode in ("LA", "1", "I;16", "I") else "RGB")
+        return im
+
+    def _filter(self):
+        from PIL import Image
+
+        return {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}[self.resample]
+
+    # ---- geometry ------------------------------------------------------------------
+
+    def _eval_geometry(self, im) -> np.ndarray:
+        s = self.image_size
+        if self.resize == "resize":
+            return np.asarray(im.resize((s, s), self._filter()))
+        w, h = im.size
+        # The center s x s of the image resized to shorter side s / crop_fraction is
+        # the box of side s * shorter / (s / crop_fraction) in the original: one
+        # resample from that box, no intermediate image.
+        side = min(w, h) * self.crop_fraction
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        return np.asarray(im.resize((s, s), self._filter(), box=box))
+
+    def _random_resized_crop(self, im, rng: np.random.Generator) -> np.ndarray:
+        w, h = im.size
+        area = w * h
+        log_lo, log_hi = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
+        for _ in range(10):
+            target = area * rng.uniform(*self.crop_scale)
+            ratio = math.exp(rng.uniform(log_lo, log_hi))
+            cw, ch = math.sqrt(target * ratio), math.sqrt(target / ratio)
+            if cw <= w and ch <= h:
+                x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+                break
+        else:  # a center crop of the largest box of allowed aspect
+            ratio = min(max(w / h, self.crop_ratio[0]), self.crop_ratio[1])
+            cw, ch = (w, w / ratio) if w / h < ratio else (h * ratio, h)
+            x0, y0 = (w - cw) / 2, (h - ch) / 2
+        s = self.image_size
+        return np.asarray(im.resize((s, s), self._filter(), box=(x0, y0, x0 + cw, y0 + ch)))
+
+    def _pad_crop(self, im, rng: np.random.Generator) -> np.ndarray:
+        s, p = self.image_size, self.crop_padding
+        a = np.asarray(im.resize((s, s), self._filter()) if im.size != (s, s) else im)
+        if p:
+            a = np.pad(a, ((p, p), (p, p)) + ((0, 0),) * (a.ndim - 2))
+        y, x = rng.integers(0, 2 * p + 1, size=2)
+        return a[y:y + s, x:x + s]
+
+    # ---- public --------------------------------------------------------------------
+
+    def _finish(self, a: np.ndarray) -> np.ndarray:
+        a = a.astype(np.float32)
+        if a.ndim == 2:  # grayscale: broadcasting against 3 means gives 3 channels
+            a = a[:, :, None]
+        out = (a - self._mean) * self._inv_std
+        if out.shape[-1] != 3:  # grayscale with one mean and std
+            out = np.repeat(out, 3, axis=-1)
+        return np.ascontiguousarray(out)
+
+    def eval_image(self, image: Any) -> np.ndarray:
+        """The eval input: float32 [S, S, 3], deterministic.
+
+        Args:
+          image: uint8 [H, W] or [H, W, 1|3|4], or encoded image bytes.
+
+        Returns:
+          The normalised image.
+        """
+        side = self.image_size if self.resize == "resize" else self.image_size / self.crop_fraction
+        return self._finish(self._eval_geometry(self._open(image, math.ceil(side))))
+
+    def train_image(self, image: Any, rng: np.random.Generator) -> np.ndarray:
+        """The train input: float32 [S, S, 3], augmented with draws from `rng` only.
+
+        Args:
+          image: uint8 [H, W] or [H, W, 1|3|4], or encoded image bytes.
+          rng: the row's generator (seeded by seed, step and row).
+
+        Returns:
+          The augmented, normalised image.
+        """
+        s = self.image_size
+        if self.train_augment == "random_resized_crop":
+            # Decode large enough that the smallest crop still has ~s pixels a side.
+            a = self._random_resized_crop(self._open(image, math.ceil(s / math.sqrt(self.crop_scale[0]))), rng)
+        elif self.train_augment == "pad_crop":
+            a = self._pad_crop(self._open(image, s), rng)
+        else:
+            side = s if self.resize == "resize" else s / self.crop_fraction
+            a = self._eval_geometry(self._open(image, math.ceil(side)))
+        if self.flip and rng.random() < 0.5:
+            a = a[:, ::-1]
+        return self._finish(a)
+
+
+def make_preprocess(config) -> ImagePreprocess:
+    """The ImagePreprocess of config.data (image_size, resize, crop_*, flip, mean, std, ...)."""
+    d = config.data
+    return ImagePreprocess(
+        image_size=int(d.image_size), resize=d.resize, crop_fraction=float(d.crop_fraction),
+        train_augment=d.train_augment, crop_scale=tuple(map(float, d.crop_scale)),
+        crop_ratio=tuple(map(float, d.crop_ratio)), crop_padding=int(d.crop_padding),
+        flip=bool(d.flip), mean=tuple(map(float, d.mean)), std=tuple(map(float, d.std)),
+        resample=d.resample)
+
+
+class _Batcher:
+    """Global batch indices -> this process's rows, decoded and preprocessed."""
+
+    def __init__(self, data: ImageData, role: str, train: bool):
+        self.source = data._sources.splits[role]
+        self.split = data._sources.split_names[role]
+        self.image_key, self.label_key = data._sources.image_key, data._sources.label_key
+        self.num_labels, self.preprocess, self.train = data.num_labels, data._preprocess, train
+        self.seed = data._seed
+        self.process_index, self.process_count = data._process_index, data._process_count
+
+    def _image(self, index: int, record: dict, step: int | None, row: int) -> np.ndarray:
+        try:
+            if not self.train:
+                return self.preprocess.eval_image(record[self.image_key])
+            rng = np.random.default_rng([self.seed % (1 << 32), step, row, 0x1A6E])
+            return self.preprocess.train_image(record[self.image_key], rng)
+        except UserError:
+            raise
+        except Exception as e:  # e.g. undecodable bytes of a catalog dataset
+            path = record.get("path") or record.get("file_name")
+            where = f" ({path.decode() if isinstance(path, bytes) else path})" if path else ""
+            raise UserError(f"split {self.split!r}: example {index}{where} cannot be read as an "
+                            f"image ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+
+    def __call__(self, indices: np.ndarray, mask: np.ndarray | None, step: int | None) -> Batch:
+        b = len(indices) // self.process_count
+        lo = self.process_index * b
+        s = self.preprocess.image_size
+        images = np.empty((b, s, s, 3), np.float32)
+        labels = np.empty(b, np.int32)
+        # Only this process's rows are read and decoded; the row's randomness depends
+        # on its global position, so slices match a single process's batch exactly.
+        for j, row in enumerate(range(lo, lo + b)):
+            index = int(indices[row])
+            record = self.source[index]
+            label = int(record[self.label_key])
+            if not 0 <= label < self.num_labels:
+                raise UserError(f"split {self.split!r}: example {index} has label {label}, "
+                                f"outside [0, {self.num_labels}); check data.label_key and the "
+                                "split's labels")
+            labels[j] = label
+            images[j] = self._image(index, record, step, row)
+        batch = {"image": images, "label": labels}
+        if mask is not None:
+            batch["mask"] = mask[lo:lo + b].astype(np.float32)
+        return batch
+
+
+class _TrainStep:
+    """Global step -> this process's slice of that step's batch."""
+
+    def __init__(self, batcher: _Batcher, n: int, batch_size: int, steps_per_epoch: int, seed: int,
+                 window: int):
+        self.batcher, self.n, self.batch_size = batcher, n, batch_size
+        self.steps_per_epoch, self.seed, self.window = steps_per_epoch, seed, window
+        # Read threads may race on this cache; both compute the same order, so no lock.
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, step: int) -> Batch:
+        epoch, i = divmod(int(step), self.steps_per_epoch)
+        cached = self._order
+        if cached is None or cached[0] != epoch:
+            cached = self._order = (epoch, epoch_order(self.n, self.seed, epoch, self.window))
+        return self.batcher(cached[1][i * self.batch_size:(i + 1) * self.batch_size], None, int(step))
+
+
+class _EvalStep:
+    """Eval batch index -> this process's slice; the last batch is padded with mask 0."""
+
+    def __init__(self, batcher: _Batcher, n: int, batch_size: int):
+        self.batcher, self.n, self.batch_size = batcher, n, batch_size
+
+    def __call__(self, i: int) -> Batch:
+        indices = np.arange(i * self.batch_size, min((i + 1) * self.batch_size, self.n))
+        mask = np.zeros(self.batch_size, np.float32)
+        mask[:indices.size] = 1
+        # Padding rows repeat example 0: a real image keeps activations finite.
+        indices = np.concatenate([indices, np.zeros(self.batch_size - indices.size, np.int64)])
+        return self.batcher(indices, mask, None)
+
+
+class ImageData:
+    """Train and eval batches of an image classification dataset.
+
+    Attributes:
+      label_names: class names.
+      num_labels: number of classes.
+      image_key: the feature read as the image.
+      image_size: S of the [b, S, S, 3] batches.
+      steps_per_epoch: full train batches per epoch (the last partial one is dropped).
+    """
+
+    def __init__(self, config, preprocess: ImagePreprocess, process_index: int = 0,
+                 process_count: int = 1):
+        """Prepares the dataset if needed and opens its splits.
+
+        Args:
+          config: the experiment config (config.data, seed, batch_size, eval_batch_size).
+          preprocess: from `make_preprocess(config)` (or built for the model).
+          process_index: this process (jax.process_index()).
+          process_count: all processes (jax.process_count()).
+        """
+        d = config.data
+        for what, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
+            if size <= 0 or size % process_count:
+                raise UserError(f"{what}={size} must be a positive multiple of the process "
+                                f"count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self._sources = tfds_sources.load_sources(config)
+        if self._sources.image_key is None:
+            raise UserError(f"dataset {d.name} has no image feature data.image_key="
+                            f"{d.image_key!r}; is it a text dataset?")
+        if self._sources.regression:
+            raise UserError(f"dataset {d.name}: label {self._sources.label_key!r} is a float; "
+                            "image data supports class labels only")
+        for role in ("train", "dev"):
+            if role not in self._sources.splits:
+                hint = ("add a dev/ folder or set data.dev_fraction > 0" if d.name == "image_folder"
+                        else f"set data.{role}_split (splits of fashion_mnist: train, dev, test)"
+                        if d.name == "fashion_mnist" else f"set data.{role}_split")
+                raise UserError(f"dataset {d.name} has no {role} split: {hint}")
+        self._preprocess = preprocess
+        self._process_index, self._process_count = process_index, process_count
+        self._seed, self._window = int(config.seed), int(d.shuffle_buffer)
+        self._batch_size, self._eval_batch_size = config.batch_size, config.eval_batch_size
+        self._num_workers, self._num_threads = int(d.num_workers), max(1, int(d.num_threads))
+        self.label_names: list[str] = list(self._sources.label_names)
+        self.num_labels: int = len(self.label_names)
+        self.image_key: str = self._sources.image_key
+        self.image_size: int = preprocess.image_size
+        self._sizes = {}
+        for role, source in self._sources.splits.items():
+            limit = d.train_limit if role == "train" else d.eval_limit
+            self._sizes[role] = len(source) if limit is None else min(len(source), int(limit))
+        self.steps_per_epoch: int = self._sizes["train"] // self._batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the train split has {self._sizes['train']} examples, fewer than "
+                            f"one batch (batch_size={self._batch_size})")
+
+    def has_split(self, split: str) -> bool:
+        """Whether role `split` ("train", "dev", "test") exists in this config."""
+        return split in self._sizes
+
+    def num_examples(self, split: str) -> int:
+        """Examples in role `split` ("train", "dev", "test"), after train/eval limits."""
+        if split not in tfds_sources.ROLES:
+            raise ValueError(f"split must be one of {tfds_sources.ROLES}, got {split!r}")
+        if split not in self._sizes:
+            raise UserError(f"dataset {self._sources.name} has no {split} split in this config")
+        return self._sizes[split]
+
+    def _iterate(self, ds: grain.MapDataset, num_workers: int) -> Iterator[Batch]:
+        read = grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=2 * self._num_threads + 2)
+        if num_workers > 0:
+            from absl import flags
+
+            # grain's worker processes read absl flags; outside absl.app.run (pytest,
+            # notebooks) they are unparsed and grain would raise UnparsedFlagAccessError.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it = ds.to_iter_dataset(read).mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+        else:
+            # Read threads build whole batches in parallel (in order): PIL decodes and
+            # resizes without the GIL.
+            it = ds.to_iter_dataset(read)
+        return iter(it)
+
+    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """Endless train batches over epochs, starting at global step `start_step`.
+
+        Args:
+          start_step: the number of batches already consumed (a checkpoint's step).
+
+        Returns:
+          An iterator of host-local batches: image (float32 [b, S, S, 3]) and label
+          (int32 [b]), b = batch_size // process_count. With data.num_workers > 0 it
+          runs grain worker processes: call its `close()` when done.
+        """
+        fn = _TrainStep(_Batcher(self, "train", train=True), self._sizes["train"], self._batch_size,
+                        self.steps_per_epoch, self._seed, self._window)
+        return self._iterate(grain.MapDataset.range(int(start_step), _FOREVER).map(fn),
+                             self._num_workers)
+
+    def num_eval_batches(self, split: str) -> int:
+        """Global eval batches in one pass over role `split`."""
+        return -(-self.num_examples(split) // self._eval_batch_size)
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """One pass over role `split` ("dev" or "test"), every example exactly once.
+
+        Args:
+          split: the role.
+
+        Returns:
+          An iterator of host-local batches like train's plus `mask` (float32 [b]: 1
+          for real examples, 0 for the padding rows of the last batch).
+        """
+        fn = _EvalStep(_Batcher(self, split, train=False), self.num_examples(split),
+                       self._eval_batch_size)
+        # In-process always: starting worker processes for each pass costs ~2 s.
+        return self._iterate(grain.MapDataset.range(self.num_eval_batches(split)).map(fn), 0)
