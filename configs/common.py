@@ -139,8 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.momentum = 0.9         # sgd only
     c.optimizer.weight_decay = 0.01
     # Ordered (regex, multiplier) rules on "a/b/c" param paths; first match wins.
-    # Default: no decay on biases, LayerNorm and embeddings' LayerNorm.
-    c.optimizer.wd_rules = ((r".*/bias", 0.0), (r".*LayerNorm.*", 0.0), (r".*", 1.0))
+    # Default: no decay on biases and normalisation layers (LayerNorm, BatchNorm).
+    c.optimizer.wd_rules = ((r".*/bias", 0.0), (r".*(LayerNorm|layernorm|normalization|/bn\d?)/.*", 0.0),
+                            (r".*", 1.0))
     c.optimizer.lr_rules = ((r".*", 1.0),)  # (regex, lr multiplier); 0 multiplier != frozen
     c.optimizer.trainable = ((r".*", True),)  # (regex, bool); False leaves get no update, no moments
     c.optimizer.grad_clip_norm = 1.0   # global-norm clipping; 0 disables

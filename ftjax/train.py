@@ -166,6 +166,13 @@ def load_data(config: ml_collections.ConfigDict):
     return data, tokenizer, tok_dir
 
 
+def make_preprocess_of(config):
+    """The eval/train image preprocessing of an image config (stored in exports)."""
+    from ftjax.data import images
+
+    return images.make_preprocess(config)
+
+
 def dummy_inputs(model, config) -> list[jax.Array]:
     """One-example inputs in the model's call order, for init and shape inference."""
     keys = step_lib.input_keys(model)
@@ -173,6 +180,23 @@ def dummy_inputs(model, config) -> list[jax.Array]:
         size = int(config.data.image_size)
         return [jnp.zeros((1, size, size, 3), jnp.float32)]
     return [jnp.ones((1, 8), jnp.int32) for _ in keys]
+
+
+def _fit_position_embeddings(loaded, variables):
+    """Resamples pretrained ViT position embeddings to this run's patch grid (e.g. 224 -> 384)."""
+    from ftjax.models import vit
+
+    try:
+        old = loaded["params"]["vit"]["embeddings"]["position_embeddings"]
+        new = variables["params"]["vit"]["embeddings"]["position_embeddings"]
+    except KeyError:
+        return loaded  # the strict merge names what is missing
+    if old.shape != new.shape:
+        side = int(round((new.shape[1] - 1) ** 0.5))
+        info(f"ViT position embeddings resampled from {old.shape[1] - 1} to {new.shape[1] - 1} patches")
+        loaded = jax.tree.map(lambda x: x, loaded)  # a copy; the conversion cache stays as it is
+        loaded["params"]["vit"]["embeddings"]["position_embeddings"] = vit.resample_posemb(old, (side, side))
+    return loaded
 
 
 def load_pretrained_variables(config, model_dir, variables, num_labels: int):
@@ -185,6 +209,8 @@ def load_pretrained_variables(config, model_dir, variables, num_labels: int):
     from ftjax import convert
 
     loaded = convert.load_pretrained_variables(model_dir, family=config.model.family)
+    if config.model.family == "vit":
+        loaded = _fit_position_embeddings(loaded, variables)
     dont_load = tuple(config.model.dont_load) + PEFT_PARAMS
     head = loaded.get("params", {}).get("head")
     if head is not None and np.shape(head.get("bias", ()))[-1:] != (num_labels,):
@@ -495,7 +521,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if tokenizer is not None:
             meta.update(max_length=config.data.max_length, text_keys=list(data.text_keys))
         else:
-            meta.update(image_size=int(config.data.image_size), preprocess=data.preprocess_meta())
+            meta.update(image_size=int(config.data.image_size),
+                        preprocess=dataclasses.asdict(make_preprocess_of(config)))
         if is_main:
             export = methods.merged_for_export(config, jax.device_get(params), model.peft)
             if export is None:  # adapters, prompts, prefixes: the export keeps them

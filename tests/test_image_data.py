@@ -2,6 +2,7 @@
 (mocked), preprocessing, and the ImageData pipeline's resume, eval and process slices."""
 
 import gzip
+import io
 import os
 import time
 
@@ -66,7 +67,8 @@ def test_fashion_mnist_builder_on_fake_idx(idx_folder, tmp_path):
     r = rows["test"][7]
     assert r["image"].shape == (28, 28, 1) and r["image"].dtype == np.uint8
     for r in rows["test"] + rows["train"]:  # (TFDS stores examples in a hashed order)
-        assert (r["image"][:, :14] == r["image"][0, 0, 0]).all() and int(r["label"]) == r["image"][0, 0, 0] % 10
+        value = r["image"][0, 0, 0]
+        assert (r["image"][:, :14] == value).all() and int(r["label"]) == value % 10
     assert sorted(int(r["image"][0, 0, 0]) for r in rows["test"]) == list(range(30))
     # dev is stratified (5 per class) and disjoint from train: pixel values identify rows.
     assert np.bincount([int(x["label"]) for x in rows["dev"]], minlength=10).tolist() == [5] * 10
@@ -121,7 +123,7 @@ def test_fashion_mnist_asset(tmp_path):
     assert sizes == {"train": 55000, "dev": 5000, "test": 10000}
     for split, per_class in (("train", 5500), ("dev", 500), ("test", 1000)):
         source = b.as_data_source(split=split)
-        labels = np.array([int(source[i]["label"]) for i in range(len(source))])
+        labels = np.array([int(r["label"]) for r in source.__getitems__(range(len(source)))])
         assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
     image = b.as_data_source(split="test")[0]["image"]
     assert image.shape == (28, 28, 1) and image.dtype == np.uint8 and image.max() > 0
@@ -239,6 +241,9 @@ def test_grayscale_becomes_three_channels_and_normalisation():
     out = p.eval_image(gray)
     assert out.shape == (8, 8, 3) and out.dtype == np.float32 and np.allclose(out, 1.0)
     assert np.allclose(p.eval_image(np.zeros((8, 8), np.uint8)), -1.0)
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(buf, format="PNG")  # 16-bit: scaled
+    assert np.allclose(p.eval_image(buf.getvalue()), 1.0)
     imagenet = images.ImagePreprocess(image_size=4, resize="resize")
     rgb = np.broadcast_to(np.array([123.675, 116.28 + 57.12, 0], np.float32), (4, 4, 3))
     out = imagenet.eval_image(np.round(rgb).astype(np.uint8))
@@ -260,7 +265,6 @@ def test_geometry_and_augmentations():
     squash = images.ImagePreprocess(image_size=s, resize="resize", mean=(0,), std=(1,))
     assert squash.eval_image(a)[:, 0].max() == 0  # the whole image, squashed
     png = Image.fromarray(a)
-    import io
     buf = io.BytesIO()
     png.save(buf, format="PNG")
     assert np.array_equal(crop.eval_image(buf.getvalue()), crop.eval_image(a))  # bytes or arrays
@@ -346,7 +350,8 @@ def test_two_process_slices_equal_the_one_process_batch(fm_config):
     whole = images.ImageData(c, images.make_preprocess(c))
     parts = [images.ImageData(c, images.make_preprocess(c), process_index=i, process_count=2)
              for i in range(2)]
-    for full, *halves in zip(_take(whole.train_batches(3), 4), *[_take(p.train_batches(3), 4) for p in parts]):
+    halves_per_step = zip(*[_take(p.train_batches(3), 4) for p in parts])
+    for full, halves in zip(_take(whole.train_batches(3), 4), halves_per_step):
         assert all(h["image"].shape == (4, 12, 12, 3) for h in halves)
         for key in full:
             assert np.array_equal(np.concatenate([h[key] for h in halves]), full[key])

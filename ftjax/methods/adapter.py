@@ -13,8 +13,8 @@ from ftjax.models.layout import Layout
 
 
 def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
-    del args, layout
-    return [(r"head/.*", True), (r".*_adapter/.*", True), (r".*LayerNorm.*", True), (r".*", False)]
+    del args
+    return [(r"head/.*", True), (r".*_adapter/.*", True), (layout.norms, True), (r".*", False)]
 
 
 def peft(args) -> Peft:

@@ -34,7 +34,13 @@ def post_load(params: Any, args, tokenizer, seed: int) -> dict:
         return params
     flat = dict(tree_lib.flatten(params))
     prompt_path = next(p for p in flat if p.endswith("/prompt"))
-    words = np.asarray(flat[next(p for p in flat if p.endswith("word_embeddings/embedding"))])
+    vocab = [p for p in flat if p.endswith("word_embeddings/embedding")]
+    if not vocab:  # an image encoder (VPT): no vocabulary to draw from
+        if args.prompt_init == "text":
+            raise UserError("method_args.prompt_init=text needs a text model; image models start "
+                            "their prompts at random (prompt_init=random or vocab)")
+        return params
+    words = np.asarray(flat[vocab[0]])
     n = flat[prompt_path].shape[0]
     if args.prompt_init == "vocab":
         # Skip the low ids where BERT vocabularies keep [PAD], [unused*] and specials.

@@ -23,11 +23,34 @@ TINY_BERT = {
 }
 VARIANTS = {("bert", "tiny"): TINY_BERT}
 _CONFIG_CLASSES = {"bert": bert.BertConfig}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_FAMILIES = ("bert",)
-# family -> module defining its config class, VARIANTS and layout (imported on first use)
-IMAGE_FAMILIES = {"vit": "ftjax.models.vit", "resnet": "ftjax.models.resnet",
-                  "efficientnet": "ftjax.models.efficientnet"}
+# family -> (module, config class name); imported on first use (Flax CNNs cost import time)
+IMAGE_FAMILIES = {"vit": ("ftjax.models.vit", "ViTConfig"), "resnet": ("ftjax.models.resnet", "ResNetConfig"),
+                  "efficientnet": ("ftjax.models.efficientnet", "EfficientNetConfig")}
 FAMILIES = TEXT_FAMILIES + tuple(IMAGE_FAMILIES)
+
+
+def _vit(hidden: int, layers: int, n_heads: int, mlp: int, patch: int = 16, image: int = 224) -> dict[str, Any]:
+    return {"model_type": "vit", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": n_heads,
+            "intermediate_size": mlp, "patch_size": patch, "image_size": image, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def _resnet(kind: str, depths: list[int]) -> dict[str, Any]:
+    sizes = [64, 128, 256, 512] if kind == "basic" else [256, 512, 1024, 2048]
+    return {"model_type": "resnet", "layer_type": kind, "depths": depths, "hidden_sizes": sizes,
+            "embedding_size": 64, "num_channels": 3, "hidden_act": "relu", "downsample_in_first_stage": False}
+
+
+# Named image variants (from scratch, or the config of a weights file without config.json).
+IMAGE_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "vit": {"ti16": _vit(192, 12, 3, 768), "s16": _vit(384, 12, 6, 1536), "b16": _vit(768, 12, 12, 3072),
+            "b32": _vit(768, 12, 12, 3072, patch=32), "l16": _vit(1024, 24, 16, 4096)},
+    "resnet": {"18": _resnet("basic", [2, 2, 2, 2]), "34": _resnet("basic", [3, 4, 6, 3]),
+               "50": _resnet("bottleneck", [3, 4, 6, 3]), "101": _resnet("bottleneck", [3, 4, 23, 3])},
+    "efficientnet": {f"lite{i}": {"model_type": "efficientnet", "variant": f"lite{i}"} for i in range(5)},
+}
 
 
 def _check_family(family: str) -> None:
@@ -42,7 +65,12 @@ def modality(family: str) -> str:
 
 
 def _image_module(family: str):
-    return importlib.import_module(IMAGE_FAMILIES[family])
+    return importlib.import_module(IMAGE_FAMILIES[family][0])
+
+
+def image_config(family: str, hf_config: dict[str, Any]):
+    """The image family's config dataclass from its config.json dict."""
+    return getattr(_image_module(family), IMAGE_FAMILIES[family][1]).from_hf(hf_config)
 
 
 def layout(family: str, hf_config: dict[str, Any]) -> Layout:
@@ -50,8 +78,7 @@ def layout(family: str, hf_config: dict[str, Any]) -> Layout:
     _check_family(family)
     if family == "bert":
         return bert_layout(int(hf_config["num_hidden_layers"]))
-    return _image_module(family).layout(_image_module(family).config_from_hf(hf_config))
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    return _image_module(family).layout(image_config(family, hf_config))
 
 
 def load_hf_config(model_dir: str | pathlib.Path, family: str = "bert", variant: str | None = None
@@ -76,14 +103,16 @@ def load_hf_config(model_dir: str | pathlib.Path, family: str = "bert", variant:
 def variant_config(family: str, variant: str) -> dict[str, Any]:
     """The HF-style config dict of a named variant such as ("bert", "tiny") or ("vit", "b16")."""
     _check_family(family)
-    variants = dict(VARIANTS)
-    for f in IMAGE_FAMILIES:
-        if f == family:
-            variants.update({(f, v): c for v, c in _image_module(f).VARIANTS.items()})
+    variants = {(f, v): c for (f, v), c in VARIANTS.items()}
+    if family in IMAGE_FAMILIES:
+        mod = _image_module(family)
+        tiny = {"vit": "TINY_VIT", "resnet": "TINY_RESNET", "efficientnet": "TINY_EFFICIENTNET"}[family]
+        variants[(family, "tiny")] = getattr(mod, tiny)
+        variants.update({(family, v): c for v, c in IMAGE_VARIANTS[family].items()})
     if (family, variant) not in variants:
-        known = ", ".join(f"{f}/{v}" for f, v in variants if f == family)
+        known = ", ".join(v for f, v in variants if f == family)
         raise UserError(f"unknown model variant {family}/{variant}; known: {known}")
-    return dict(variants[(family, variant)])
+    return json.loads(json.dumps(variants[(family, variant)]))  # a deep copy
 
 
 def create_classifier(family: str, hf_config: dict[str, Any], *, num_labels: int, pooling: str = "pooler",
@@ -99,7 +128,7 @@ def create_classifier(family: str, hf_config: dict[str, Any], *, num_labels: int
       pooling: text: "pooler", "cls" or "mean" (image encoders pool their own way).
       dropout: encoder dropout; None keeps the config's.
       head_dropout: dropout before the head; None: the encoder's hidden dropout (text),
-        0 (images).
+        the reference classifier's dropout (EfficientNet) or 0 (other image encoders).
       dtype: compute dtype name, "float32" or "bfloat16".
       peft: model-side options of the fine-tuning method (e.g. LoRA).
       update_batch_stats: BatchNorm encoders: train with batch statistics and update them.
@@ -112,15 +141,16 @@ def create_classifier(family: str, hf_config: dict[str, Any], *, num_labels: int
     if dtype not in _DTYPES:
         raise UserError(f"config.model.dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
     if modality(family) == "image":
-        mod = _image_module(family)
+        cfg = image_config(family, hf_config)
         if (peft.prefix_tokens or peft.prompt_tokens or peft.lora_rank or peft.ia3 or peft.adapter) \
                 and family != "vit":
             raise UserError(f"the {family} encoder has no attention blocks for LoRA, IA3, adapters, "
                             "prompts or prefixes; use full, linear_probe, freeze, bitfit, layernorm "
                             "or layerwise_lr_decay (or a ViT)")
+        if head_dropout is None:  # EfficientNet's reference dropout before its classifier, else none
+            head_dropout = float(getattr(cfg, "dropout_rate", 0.0))
         return heads.ImageClassifier(
-            family=family, encoder_config=mod.config_from_hf(hf_config), num_labels=num_labels,
-            head_dropout=0.0 if head_dropout is None else head_dropout, dropout=dropout,
+            family=family, encoder_config=cfg, num_labels=num_labels, head_dropout=head_dropout, dropout=dropout,
             dtype=_DTYPES[dtype], peft=peft, update_batch_stats=update_batch_stats, image_size=image_size)
     if pooling not in heads.POOLINGS:
         raise UserError(f"config.model.pooling={pooling!r} is not one of {', '.join(heads.POOLINGS)}")

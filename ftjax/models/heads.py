@@ -62,7 +62,7 @@ class SequenceClassifier(nn.Module):
 # family -> (module, encoder class); imported on first use.
 IMAGE_ENCODERS = {"vit": ("ftjax.models.vit", "ViTModel"),
                   "resnet": ("ftjax.models.resnet", "ResNetModel"),
-                  "efficientnet": ("ftjax.models.efficientnet", "EfficientNetModel")}
+                  "efficientnet": ("ftjax.models.efficientnet", "EfficientNet")}
 
 
 def image_encoder_class(family: str):

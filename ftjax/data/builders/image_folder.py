@@ -126,8 +126,8 @@ def list_files(root: str, seed: int = 0, dev_fraction: float = 0.1,
     for c, paths in classes.items():
         order = list(paths)
         random.Random(f"{seed}/{c}").shuffle(order)  # per class: adding a class moves no other
-        cut_dev = int(round(dev_fraction * len(order)))
-        cut_test = cut_dev + int(round(test_fraction * len(order)))
+        cut_dev = round(dev_fraction * len(order))
+        cut_test = cut_dev + round(test_fraction * len(order))
         files["dev"] += [(p, c) for p in sorted(order[:cut_dev])]
         files["test"] += [(p, c) for p in sorted(order[cut_dev:cut_test])]
         files["train"] += [(p, c) for p in sorted(order[cut_test:])]
