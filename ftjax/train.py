@@ -398,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         else "no checkpoint was saved yet")
                 raise NonFiniteError(
                     f"train {bad[0]} is {float(m[bad[0]])} at step {s}; stopped ({kept}). Lower "
-                    "optimizer.lr or raise optimizer.warmup_steps, check the data, or set "
+                    "optimizer.lr or raise schedule.warmup_steps, check the data, or set "
                     "config.nonfinite=skip to drop such updates")
         return fetched
     window_t, window_ex, window_tok = time.perf_counter(), 0, 0
@@ -483,6 +483,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise Preempted(f"{preemption.reason} at step {step}: checkpoint saved in "
                                 f"{workdir / 'checkpoints' / str(step)}; run the same command again to "
                                 "continue from it")
+    except BaseException:
+        # Let a save in flight finish before the error ends the process: the last
+        # checkpoint must stay whole (Orbax writes in background threads).
+        try:
+            checkpointer.close()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
     finally:
         preemption.close()
     train_time = train_time_now()

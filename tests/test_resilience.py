@@ -132,7 +132,7 @@ def test_sigterm_saves_says_how_to_continue_and_the_rerun_matches(files, referen
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(files, tmp_path):
     workdir = tmp_path / "w"
     # lr 1e30 blows the weights up at the first update; the next loss is not finite
-    r = _run(_args(files, workdir, **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
+    r = _run(_args(files, workdir, **{"optimizer.lr": 1e30, "schedule.warmup_steps": 0,
                                       "checkpoint_every_steps": 1}), check=False)
     assert r.returncode == 2, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
@@ -145,7 +145,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(files, tmp_
 
 def test_nonfinite_steps_can_be_skipped(files, tmp_path):
     workdir = tmp_path / "w"
-    r = _run(_args(files, workdir, nonfinite="skip", **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0}))
+    r = _run(_args(files, workdir, nonfinite="skip", **{"optimizer.lr": 1e30, "schedule.warmup_steps": 0}))
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final_step"] == TOTAL and summary["skipped_steps"] >= 1, r.stderr[-1000:]
 
