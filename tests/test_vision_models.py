@@ -346,3 +346,24 @@ def test_efficientnet_lite0_imagenet_top1():
     images = np.stack([_imagenet_input(skimage_data.chelsea()), _imagenet_input(skimage_data.coffee())])
     logits = np.asarray(model.apply(variables, images))
     assert logits.argmax(-1).tolist() == [285, 967]  # Egyptian cat, espresso
+
+
+@pytest.mark.parametrize("h,w,k,stride", [(9, 9, 3, 1), (9, 9, 3, 2), (8, 8, 5, 2), (7, 10, 5, 1), (8, 8, 3, 2)])
+def test_depthwise_conv_matches_xla_grouped_conv_and_its_gradients(h, w, k, stride):
+    from jax import lax
+
+    from ftjax.models.efficientnet import depthwise_conv
+
+    x = jax.random.normal(jax.random.key(0), (2, h, w, 4))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, 4))
+
+    def ref(x, kernel):
+        return lax.conv_general_dilated(x, kernel[:, :, None, :], (stride, stride), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+
+    np.testing.assert_allclose(depthwise_conv(x, kernel, stride), ref(x, kernel), atol=1e-5)
+    g = jax.random.normal(jax.random.key(2), ref(x, kernel).shape)
+    mine = jax.grad(lambda x, kernel: (depthwise_conv(x, kernel, stride) * g).sum(), (0, 1))(x, kernel)
+    want = jax.grad(lambda x, kernel: (ref(x, kernel) * g).sum(), (0, 1))(x, kernel)
+    for a, b in zip(mine, want):
+        np.testing.assert_allclose(a, b, atol=1e-4)

@@ -24,6 +24,7 @@ Block n and the bn0/bn1/bn2 names follow the EfficientNet-PyTorch checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -144,6 +145,96 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype, groups: int
                    kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal"))
 
 
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding (the extra pixel, if any, at the end), as nn.Conv's "SAME"."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _taps(xp: jax.Array, w: jax.Array, out_h: int, out_w: int, stride: int) -> jax.Array:
+    """sum over kernel taps (i, j) of the strided window of xp at (i, j) times w[i, j]."""
+    out = None
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            win = xp[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+            out = win * w[i, j] if out is None else out + win * w[i, j]
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+    """Depthwise kxk convolution with TF "SAME" padding, as k*k shifted multiply-adds.
+
+    XLA:CPU lowers grouped convolutions (feature_group_count=C) poorly: on a 2-core CPU
+    this form runs the forward about 25x and a train step about 3x faster, with the
+    same numbers (to float rounding). The backward is written out (custom VJP): the
+    input gradient is the same shifted sum over the flipped kernel (stride 1) or a sum
+    of dilated pads (stride > 1); the kernel gradient is one reduction per tap.
+
+    Args:
+      x: [B, H, W, C].
+      w: [k, k, C] per-channel kernel.
+      stride: 1 or 2.
+
+    Returns:
+      [B, ceil(H / stride), ceil(W / stride), C].
+    """
+    return _depthwise_fwd(x, w, stride)[0]
+
+
+def _depthwise_fwd(x, w, stride):
+    (ph0, ph1), (pw0, pw1) = (_same_pads(x.shape[1], w.shape[0], stride),
+                              _same_pads(x.shape[2], w.shape[1], stride))
+    xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+    out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+    return _taps(xp, w.astype(x.dtype), out_h, out_w, stride), (x, w)
+
+
+def _depthwise_bwd(stride, res, g):
+    x, w = res
+    k_h, k_w = w.shape[0], w.shape[1]
+    (ph0, ph1), (pw0, pw1) = _same_pads(x.shape[1], k_h, stride), _same_pads(x.shape[2], k_w, stride)
+    xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+    hp, wp = xp.shape[1], xp.shape[2]
+    out_h, out_w = g.shape[1], g.shape[2]
+    wc = w.astype(g.dtype)
+    if stride == 1:  # correlation of the padded gradient with the flipped kernel
+        gp = jnp.pad(g, ((0, 0), (k_h - 1 - ph0, k_h - 1 - ph1), (k_w - 1 - pw0, k_w - 1 - pw1), (0, 0)))
+        dx = _taps(gp, wc[::-1, ::-1], x.shape[1], x.shape[2], 1)
+    else:  # each tap scatters g * w[i, j] back onto its strided window
+        dxp = None
+        for i in range(k_h):
+            for j in range(k_w):
+                pads = ((0, 0, 0), (i, hp - i - stride * (out_h - 1) - 1, stride - 1),
+                        (j, wp - j - stride * (out_w - 1) - 1, stride - 1), (0, 0, 0))
+                part = jax.lax.pad(g * wc[i, j], jnp.zeros((), g.dtype), pads)
+                dxp = part if dxp is None else dxp + part
+        dx = dxp[:, ph0:ph0 + x.shape[1], pw0:pw0 + x.shape[2], :]
+    dw = jnp.stack([jnp.stack([
+        (xp[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :] * g
+         ).sum((0, 1, 2), dtype=jnp.float32) for j in range(k_w)]) for i in range(k_h)])
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+_depthwise_impl = depthwise_conv  # benchmarks/depthwise.py swaps in XLA's grouped conv
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise kxk conv (no bias, TF "SAME" padding) with nn.Conv's kernel layout [k, k, 1, C]."""
+
+    kernel: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal"),
+                       (self.kernel, self.kernel, 1, x.shape[-1]), jnp.float32)
+        return _depthwise_impl(x.astype(self.dtype), w[:, :, 0, :].astype(self.dtype), self.stride)
+
+
 class ConvBN(nn.Module):
     """conv -> bn -> ReLU6: the stem and the head conv."""
 
@@ -185,7 +276,7 @@ class MBConv(nn.Module):
         wide = x.shape[-1] * self.expand
         if self.expand != 1:
             h = jax.nn.relu6(bn("bn0")(_conv(wide, 1, 1, "expand_conv", self.dtype)(h)))
-        h = _conv(wide, self.kernel, self.stride, "depthwise_conv", self.dtype, groups=wide)(h)
+        h = DepthwiseConv(self.kernel, self.stride, self.dtype, name="depthwise_conv")(h)
         h = jax.nn.relu6(bn("bn1")(h))
         h = bn("bn2")(_conv(self.features, 1, 1, "project_conv", self.dtype)(h))
         if self.stride == 1 and x.shape[-1] == self.features:
