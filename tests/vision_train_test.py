@@ -156,6 +156,14 @@ def test_train_evaluate_export_and_resume(family, method, args, folder, tmp_path
     masks = [b["mask"] for b in data.eval_batches("dev")]
     correct = sum(float(((l.argmax(-1) == y) * m).sum()) for l, y, m in zip(logits, labels, masks))
     assert correct / 18 == pytest.approx(summary["dev"]["accuracy"], abs=1e-6)
+    # ftjax.predict on image files: a label and a probability per file
+    from ftjax.predict import Predictor
+
+    files = sorted(folder.rglob("*.png"))[:4]
+    out = Predictor(str(workdir))([str(f) for f in files])
+    assert [label in CLASSES for label, _ in out] == [True] * 4 and all(0 < p <= 1 for _, p in out)
+    with pytest.raises(UserError, match="no_such.png"):
+        Predictor(str(workdir))([str(folder / "no_such.png")])
 
 
 @pytest.mark.parametrize("name,dataset", [("vit_cifar10", "cifar10"), ("resnet50_pets", "oxford_iiit_pet")])
