@@ -476,8 +476,13 @@ def export_params(out_dir: PathLike, params: Any, meta: dict, model_state: dict 
     meta = _to_json(meta)
     params = jax.tree.map(np.asarray, params)  # exports are host data, loadable on any device count
     model_state = jax.tree.map(np.asarray, dict(model_state or {}))
-    tmp = out_dir.parent / (out_dir.name + ".tmp")
-    if tmp.exists():  # an earlier export that crashed before its swap
+    # Object stores cannot rename folders: there the export is written in place, with
+    # meta.json (what marks an export complete) removed first and written last.
+    remote = "://" in str(out_dir)
+    tmp = out_dir if remote else out_dir.parent / (out_dir.name + ".tmp")
+    if remote and (out_dir / "meta.json").exists():
+        (out_dir / "meta.json").unlink()
+    if tmp.exists():  # an earlier export that crashed before its swap, or the old remote one
         tmp.rmtree()
     tmp.mkdir(parents=True)
     with _single_process_checkpointer() as ckptr:
@@ -488,6 +493,9 @@ def export_params(out_dir: PathLike, params: Any, meta: dict, model_state: dict 
     _write_json(tmp / "checksums.json", checksums(params))
     if jax.tree.leaves(model_state):
         _write_json(tmp / "model_state_checksums.json", checksums(model_state))
+    if remote:
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        return
     _write_json(tmp / "meta.json", meta)  # written last: its presence marks a complete export
     if out_dir.exists():
         old = out_dir.parent / (out_dir.name + ".old")

@@ -15,6 +15,11 @@ def info(message: str) -> None:
     print(f"ftjax: {message}", file=sys.stderr, flush=True)
 
 
+def is_remote(path) -> bool:
+    """Whether `path` is on an object store (gs://, s3://, ...), where files cannot be appended to."""
+    return "://" in str(path)
+
+
 class MetricWriter:
     """Appends one JSON object per logged step to W/metrics.jsonl and mirrors to TensorBoard."""
 
@@ -24,6 +29,16 @@ class MetricWriter:
         if not enabled:
             return
         self._path = epath.Path(workdir) / "metrics.jsonl"
+        # Object stores (gs://, s3://) cannot append: there the file is rewritten whole
+        # at each write, from the rows read at start plus the new ones.
+        self._remote = is_remote(workdir)
+        self._lines: list[str] = []
+        if self._remote:
+            if self._path.exists():
+                self._lines = self._path.read_text().splitlines()
+            info(f"{workdir} is remote: TensorBoard events are not written there; "
+                 "metrics.jsonl is the record")
+            return
         try:
             from tensorboardX import SummaryWriter
 
@@ -37,8 +52,12 @@ class MetricWriter:
             return
         row = {"step": int(step)}
         row.update({k: _jsonable(v) for k, v in scalars.items()})
-        with self._path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._remote:
+            self._lines.append(json.dumps(row))
+            self._path.write_text("\n".join(self._lines) + "\n")
+        else:
+            with self._path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -1,0 +1,28 @@
+"""metrics.jsonl: appended locally, rewritten whole on object stores (which cannot append)."""
+
+import json
+
+from ftjax import logs
+
+
+def test_remote_workdirs_rewrite_the_whole_file_and_keep_earlier_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(logs, "is_remote", lambda path: True)
+    w = logs.MetricWriter(tmp_path)
+    w.write(1, {"train/loss": 0.5})
+    w.close()
+    again = logs.MetricWriter(tmp_path)  # a resumed run
+    again.write(2, {"train/loss": 0.25, "note": None})
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "train/loss": 0.5}, {"step": 2, "train/loss": 0.25, "note": None}]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_local_workdirs_append_and_mirror_to_tensorboard(tmp_path):
+    assert not logs.is_remote(tmp_path) and logs.is_remote("gs://bucket/run")
+    for step in (1, 2):
+        w = logs.MetricWriter(tmp_path)
+        w.write(step, {"train/loss": 1.0 / step})
+        w.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert any((tmp_path / "tensorboard").iterdir())
