@@ -149,3 +149,22 @@ def test_data_that_no_longer_matches_its_checksums_is_refused_and_kept(tmp_path)
         _ckpt(tmp_path).restore(_abstract(state, mesh))
     assert str(step_dir) in str(e.value) and key in str(e.value)
     assert step_dir.exists()
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_in_use_and_in_place(tmp_path):
+    mesh = step_lib.make_mesh()
+    state = _on(mesh, _state())
+    c = _ckpt(tmp_path)
+    c.save(3, state, extra={"at": 3}, force=True)
+    c.wait()
+    # what a process killed during the save of step 5 leaves behind: Orbax's staging folder
+    partial = tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "_METADATA").write_bytes(b"{\"half")
+    again = _ckpt(tmp_path)
+    assert again.latest_step() == 3
+    restored, extra = again.restore(_abstract(state, mesh))
+    assert extra == {"at": 3}
+    np.testing.assert_array_equal(np.asarray(restored.params["head"]["kernel"]),
+                                  np.asarray(state.params["head"]["kernel"]))
+    assert partial.exists()  # ftjax deletes nothing it did not write
