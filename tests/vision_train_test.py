@@ -157,7 +157,7 @@ def test_train_evaluate_export_and_resume(family, method, args, folder, tmp_path
     correct = sum(float(((l.argmax(-1) == y) * m).sum()) for l, y, m in zip(logits, labels, masks))
     assert correct / 18 == pytest.approx(summary["dev"]["accuracy"], abs=1e-6)
     # ftjax.predict on image files: a label and a probability per file
-    from ftjax.predict import Predictor
+    from ftjax.inference import Predictor
 
     files = sorted(folder.rglob("*.png"))[:4]
     out = Predictor(str(workdir))([str(f) for f in files])
