@@ -102,7 +102,9 @@ def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> di
     }
 
 
-def _check_batch_sizes(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def _check_settings(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    if config.nonfinite not in ("stop", "skip"):
+        raise UserError(f"config.nonfinite={config.nonfinite!r} is not 'stop' or 'skip'")
     if config.accum_steps < 1:
         raise UserError(f"config.accum_steps={config.accum_steps} must be >= 1")
     per_micro = config.batch_size // config.accum_steps
@@ -275,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     mesh = step_lib.make_mesh()
-    _check_batch_sizes(config, mesh.size)
+    _check_settings(config, mesh.size)
     rep = step_lib.replicated(mesh)
 
     # ---- data and model ------------------------------------------------------

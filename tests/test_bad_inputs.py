@@ -103,6 +103,10 @@ def case_batch_not_divisible(files, finished, tmp_path):
     return tiny_config(files, batch_size=12), tmp_path / "w", [], "divisible by the 8 devices"
 
 
+def case_unknown_nonfinite_policy(files, finished, tmp_path):
+    return tiny_config(files, nonfinite="ignore"), tmp_path / "w", [], "config.nonfinite='ignore'"
+
+
 def case_metric_not_computed(files, finished, tmp_path):
     return tiny_config(files, metric="bleu", total_steps=1), tmp_path / "w", [], "bleu"
 
