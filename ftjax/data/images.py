@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from ftjax.data import tfds_sources
-from ftjax.data.pipeline import epoch_order
+from ftjax.data.pipeline import SplitData, epoch_order
 from ftjax.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -327,7 +327,7 @@ class _EvalStep:
         return self.batcher(indices, mask, None)
 
 
-class ImageData:
+class ImageData(SplitData):
     """Train and eval batches of an image classification dataset.
 
     Attributes:
@@ -349,13 +349,7 @@ class ImageData:
           process_count: all processes (jax.process_count()).
         """
         d = config.data
-        for what, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
-            if size <= 0 or size % process_count:
-                raise UserError(f"{what}={size} must be a positive multiple of the process "
-                                f"count {process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self._sources = tfds_sources.load_sources(config)
+        self._open(config, process_index, process_count)
         if self._sources.image_key is None:
             raise UserError(f"dataset {d.name} has no image feature data.image_key="
                             f"{d.image_key!r}; is it a text dataset?")
@@ -369,52 +363,17 @@ class ImageData:
                         if d.name == "fashion_mnist" else f"set data.{role}_split")
                 raise UserError(f"dataset {d.name} has no {role} split: {hint}")
         self._preprocess = preprocess
-        self._process_index, self._process_count = process_index, process_count
-        self._seed, self._window = int(config.seed), int(d.shuffle_buffer)
-        self._batch_size, self._eval_batch_size = config.batch_size, config.eval_batch_size
-        self._num_workers, self._num_threads = int(d.num_workers), max(1, int(d.num_threads))
-        self.label_names: list[str] = list(self._sources.label_names)
+        self._num_threads = max(1, int(d.num_threads))
         self.num_labels: int = len(self.label_names)
         self.image_key: str = self._sources.image_key
         self.image_size: int = preprocess.image_size
-        self._sizes = {}
-        for role, source in self._sources.splits.items():
-            limit = d.train_limit if role == "train" else d.eval_limit
-            self._sizes[role] = len(source) if limit is None else min(len(source), int(limit))
-        self.steps_per_epoch: int = self._sizes["train"] // self._batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"the train split has {self._sizes['train']} examples, fewer than "
-                            f"one batch (batch_size={self._batch_size})")
-
-    def has_split(self, split: str) -> bool:
-        """Whether role `split` ("train", "dev", "test") exists in this config."""
-        return split in self._sizes
-
-    def num_examples(self, split: str) -> int:
-        """Examples in role `split` ("train", "dev", "test"), after train/eval limits."""
-        if split not in tfds_sources.ROLES:
-            raise ValueError(f"split must be one of {tfds_sources.ROLES}, got {split!r}")
-        if split not in self._sizes:
-            raise UserError(f"dataset {self._sources.name} has no {split} split in this config")
-        return self._sizes[split]
+        self._count(config)
 
     def _iterate(self, ds: grain.MapDataset, num_workers: int) -> Iterator[Batch]:
-        read = grain.ReadOptions(num_threads=self._num_threads,
-                                 prefetch_buffer_size=2 * self._num_threads + 2)
-        if num_workers > 0:
-            from absl import flags
-
-            # grain's worker processes read absl flags; outside absl.app.run (pytest,
-            # notebooks) they are unparsed and grain would raise UnparsedFlagAccessError.
-            if not flags.FLAGS.is_parsed():
-                flags.FLAGS.mark_as_parsed()
-            it = ds.to_iter_dataset(read).mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
-        else:
-            # Read threads build whole batches in parallel (in order): PIL decodes and
-            # resizes without the GIL.
-            it = ds.to_iter_dataset(read)
-        return iter(it)
+        # Read threads build whole batches in parallel (in order): PIL decodes and
+        # resizes without the GIL.
+        read = grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=2 * self._num_threads + 2)
+        return self._iterate_with(ds, read, num_workers)
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
         """Endless train batches over epochs, starting at global step `start_step`.
@@ -431,10 +390,6 @@ class ImageData:
                         self.steps_per_epoch, self._seed, self._window)
         return self._iterate(grain.MapDataset.range(int(start_step), _FOREVER).map(fn),
                              self._num_workers)
-
-    def num_eval_batches(self, split: str) -> int:
-        """Global eval batches in one pass over role `split`."""
-        return -(-self.num_examples(split) // self._eval_batch_size)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
         """One pass over role `split` ("dev" or "test"), every example exactly once.

@@ -222,7 +222,72 @@ class _EvalStep:
         return self.batcher(indices, mask, self.lengths)
 
 
-class TextData:
+class SplitData:
+    """What TextData and ImageData share: process checks, split sizes, grain iteration.
+
+    Subclasses call `_open(config, process_index, process_count)` first and `_count(config)`
+    once their own checks pass; these set `_sources`, the batch sizes, the process
+    slice, `label_names`, `_sizes` and `steps_per_epoch`.
+    """
+
+    def _open(self, config, process_index: int, process_count: int) -> None:
+        d = config.data
+        for what, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
+            if size <= 0 or size % process_count:
+                raise UserError(f"{what}={size} must be a positive multiple of the process "
+                                f"count {process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self._sources = tfds_sources.load_sources(config)
+        self._process_index, self._process_count = process_index, process_count
+        self._seed, self._window = int(config.seed), int(d.shuffle_buffer)
+        self._batch_size, self._eval_batch_size = config.batch_size, config.eval_batch_size
+        self._num_workers = int(d.num_workers)
+        self.label_names: list[str] = list(self._sources.label_names)
+
+    def _count(self, config) -> None:
+        """Split sizes after data.train_limit / eval_limit, and steps_per_epoch."""
+        d = config.data
+        self._sizes = {}
+        for role, source in self._sources.splits.items():
+            limit = d.train_limit if role == "train" else d.eval_limit
+            self._sizes[role] = len(source) if limit is None else min(len(source), int(limit))
+        self.steps_per_epoch: int = self._sizes["train"] // self._batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the train split has {self._sizes['train']} examples, fewer than "
+                            f"one batch (batch_size={self._batch_size})")
+
+    def has_split(self, split: str) -> bool:
+        """Whether role `split` ("train", "dev", "test") exists in this config."""
+        return split in self._sizes
+
+    def num_examples(self, split: str) -> int:
+        """Examples in role `split` ("train", "dev", "test"), after train/eval limits."""
+        if split not in tfds_sources.ROLES:
+            raise ValueError(f"split must be one of {tfds_sources.ROLES}, got {split!r}")
+        if split not in self._sizes:
+            raise UserError(f"dataset {self._sources.name} has no {split} split in this config")
+        return self._sizes[split]
+
+    def num_eval_batches(self, split: str) -> int:
+        """Global eval batches in one pass over role `split`."""
+        return -(-self.num_examples(split) // self._eval_batch_size)
+
+    @staticmethod
+    def _iterate_with(ds: grain.MapDataset, read: grain.ReadOptions, num_workers: int) -> Iterator[Batch]:
+        if num_workers > 0:
+            from absl import flags
+
+            # grain's worker processes read absl flags; outside absl.app.run (pytest,
+            # notebooks) they are unparsed and grain would raise UnparsedFlagAccessError.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            return iter(ds.to_iter_dataset(read).mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2)))
+        return iter(ds.to_iter_dataset(read))
+
+
+class TextData(SplitData):
     """Train and eval batches of a text classification (or regression) dataset.
 
     Attributes:
@@ -243,13 +308,7 @@ class TextData:
           process_count: all processes (jax.process_count()).
         """
         d = config.data
-        for what, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
-            if size <= 0 or size % process_count:
-                raise UserError(f"{what}={size} must be a positive multiple of the process "
-                                f"count {process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self._sources = tfds_sources.load_sources(config)
+        self._open(config, process_index, process_count)
         for role in ("train", "dev"):
             if role not in self._sources.splits:
                 raise UserError(f"dataset {d.name} has no {role} split: set "
@@ -257,54 +316,16 @@ class TextData:
         self._tokenizer = tokenizer
         self._max_length = int(d.max_length)
         self._buckets = bucket_lengths(d.bucket_lengths, self._max_length)
-        self._process_index, self._process_count = process_index, process_count
-        self._seed, self._window = int(config.seed), int(d.shuffle_buffer)
         self._group = int(d.group_by_length)
-        self._batch_size, self._eval_batch_size = config.batch_size, config.eval_batch_size
-        self._num_workers = int(d.num_workers)
-        self.label_names: list[str] = list(self._sources.label_names)
         self.num_labels: int = 1 if self._sources.regression else len(self.label_names)
         self.text_keys: tuple[str, ...] = self._sources.text_keys
-        self._sizes = {}
-        for role, source in self._sources.splits.items():
-            limit = d.train_limit if role == "train" else d.eval_limit
-            self._sizes[role] = len(source) if limit is None else min(len(source), int(limit))
-        self.steps_per_epoch: int = self._sizes["train"] // self._batch_size
-        if self.steps_per_epoch == 0:
-            raise UserError(f"the train split has {self._sizes['train']} examples, fewer than "
-                            f"one batch (batch_size={self._batch_size})")
-
-    def has_split(self, split: str) -> bool:
-        """Whether role `split` ("train", "dev", "test") exists in this config."""
-        return split in self._sizes
-
-    def num_examples(self, split: str) -> int:
-        """Examples in role `split` ("train", "dev", "test"), after train/eval limits."""
-        self._check_role(split)
-        return self._sizes[split]
-
-    def _check_role(self, split: str) -> None:
-        if split not in tfds_sources.ROLES:
-            raise ValueError(f"split must be one of {tfds_sources.ROLES}, got {split!r}")
-        if split not in self._sizes:
-            raise UserError(f"dataset {self._sources.name} has no {split} split in this config")
+        self._count(config)
 
     def _iterate(self, ds: grain.MapDataset, num_workers: int) -> Iterator[Batch]:
-        if num_workers > 0:
-            from absl import flags
-
-            # grain's worker processes read absl flags; outside absl.app.run (pytest,
-            # notebooks) they are unparsed and grain would raise UnparsedFlagAccessError.
-            if not flags.FLAGS.is_parsed():
-                flags.FLAGS.mark_as_parsed()
-            it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                             per_worker_buffer_size=2))
-        else:
-            # One background thread overlaps the next batches with the train step; the
-            # tokenizer's batch encode runs in Rust and releases the GIL.
-            it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
-        return iter(it)
+        # In-process, one background thread overlaps the next batches with the train
+        # step; the tokenizer's batch encode runs in Rust and releases the GIL.
+        read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 if num_workers > 0 else 4)
+        return self._iterate_with(ds, read, num_workers)
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
         """Endless train batches over epochs, starting at global step `start_step`.
@@ -322,10 +343,6 @@ class TextData:
                         self.steps_per_epoch, self._seed, self._window, self._group)
         return self._iterate(grain.MapDataset.range(int(start_step), _FOREVER).map(fn),
                              self._num_workers)
-
-    def num_eval_batches(self, split: str) -> int:
-        """Global eval batches in one pass over role `split`."""
-        return -(-self.num_examples(split) // self._eval_batch_size)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
         """One pass over role `split` ("dev" or "test"), every example exactly once.
