@@ -518,21 +518,26 @@ def _export_dir(path: PathLike) -> epath.Path:
     return path
 
 
+def _read_export_item(path: epath.Path, item: str, checksums_file: str) -> Any:
+    """Restores `path/item` (Orbax) as numpy and checks it against `path/checksums_file`."""
+    try:
+        expected = json.loads((path / checksums_file).read_text())
+        with _single_process_checkpointer() as ckptr:
+            tree = ckptr.restore(path / item)
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged export
+        raise CheckpointError(f"export {path} cannot be read ({_first_line(e)}); ftjax leaves it in "
+                              "place: export the run again or use another export") from None
+    tree = jax.tree.map(np.asarray, tree)
+    _verify(tree, expected, path)
+    return tree
+
+
 def load_export_model_state(path: PathLike) -> dict:
     """The model_state (e.g. {"batch_stats": ...}) of an export; {} when it has none."""
     path = _export_dir(path)
     if not (path / "model_state").exists():
         return {}
-    try:
-        expected = json.loads((path / "model_state_checksums.json").read_text())
-        with _single_process_checkpointer() as ckptr:
-            state = ckptr.restore(path / "model_state")
-    except Exception as e:  # noqa: BLE001 - any read failure means a damaged export
-        raise CheckpointError(f"export {path} cannot be read ({_first_line(e)}); ftjax leaves it in "
-                              "place: export the run again or use another export") from None
-    state = jax.tree.map(np.asarray, state)
-    _verify(state, expected, path)
-    return state
+    return _read_export_item(path, "model_state", "model_state_checksums.json")
 
 
 def load_export(path: PathLike) -> tuple[Any, dict]:
@@ -550,12 +555,7 @@ def load_export(path: PathLike) -> tuple[Any, dict]:
     path = _export_dir(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
-        expected = json.loads((path / "checksums.json").read_text())
-        with _single_process_checkpointer() as ckptr:
-            params = ckptr.restore(path / "params")
-    except Exception as e:  # noqa: BLE001 - any read failure means a damaged export
-        raise CheckpointError(f"export {path} cannot be read ({_first_line(e)}); ftjax leaves it in "
-                              "place: export the run again or use another export") from None
-    params = jax.tree.map(np.asarray, params)
-    _verify(params, expected, path)
-    return params, meta
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"export {path} cannot be read (meta.json: {_first_line(e)}); ftjax leaves "
+                              "it in place: export the run again or use another export") from None
+    return _read_export_item(path, "params", "checksums.json"), meta
