@@ -74,17 +74,32 @@ def _layer_norm(cfg: BertConfig, name: str, dtype) -> nn.LayerNorm:
 
 
 class SelfAttention(nn.Module):
-    config: BertConfig
+    """Multi-head self-attention with the PEFT hooks (LoRA via Dense, IA3, deep prefixes).
+
+    Shared by the encoders: BERT (output Dense "out", padding bias) and ViT (output
+    "output", no bias). `config` needs hidden_size, num_attention_heads and
+    initializer_range.
+
+    Attributes:
+      kernel_init: the projections' init; None: normal(config.initializer_range).
+      output_name: name of the output projection.
+    """
+
+    config: Any
     attention_dropout: float
     dtype: Any = jnp.float32
     peft: Peft = Peft()
+    kernel_init: Any = None
+    output_name: str = "out"
 
     @nn.compact
-    def __call__(self, x, bias, *, train: bool, prefix=None):
+    def __call__(self, x, bias=None, *, train: bool, prefix=None):
         cfg = self.config
         heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         split = lambda t: t.reshape(*t.shape[:-1], heads, width)  # noqa: E731
-        dense = lambda name: _dense(cfg, cfg.hidden_size, name, self.dtype, self.peft)  # noqa: E731
+        init = self.kernel_init or nn.initializers.normal(cfg.initializer_range)
+        dense = lambda name: Dense(cfg.hidden_size, name=name, dtype=self.dtype, peft=self.peft,  # noqa: E731
+                                   kernel_init=init)
         q = dense("query")(x, train=train)
         k = dense("key")(x, train=train)
         v = dense("value")(x, train=train)
@@ -95,13 +110,14 @@ class SelfAttention(nn.Module):
         if prefix is not None:  # deep prefix tuning: learned keys/values every query sees
             pk, pv = (jnp.broadcast_to(t.astype(k.dtype), (x.shape[0], *t.shape)) for t in prefix)
             k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
-            bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], pk.shape[1]), bias.dtype), bias], -1)
+            if bias is not None:
+                bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], pk.shape[1]), bias.dtype), bias], -1)
         q, k, v = split(q), split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width)
-        probs = jax.nn.softmax(scores + bias, axis=-1)
+        probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
         probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
-        return dense("out")(ctx, train=train)
+        return dense(self.output_name)(ctx, train=train)
 
 
 class Layer(nn.Module):

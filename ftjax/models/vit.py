@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import UserError
-from ftjax.models.bert import PrefixEncoder
+from ftjax.models.bert import PrefixEncoder, SelfAttention
 from ftjax.models.layers import Adapter, Dense, Peft
 from ftjax.models.layout import Layout
 
@@ -151,35 +151,6 @@ def _layer_norm(cfg: ViTConfig, name: str, dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, dtype=dtype, param_dtype=jnp.float32)
 
 
-class SelfAttention(nn.Module):
-    config: ViTConfig
-    attention_dropout: float
-    dtype: Any = jnp.float32
-    peft: Peft = Peft()
-
-    @nn.compact
-    def __call__(self, x, *, train: bool, prefix=None):
-        cfg = self.config
-        heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        dense = lambda name: _dense(cfg, cfg.hidden_size, name, self.dtype, self.peft)  # noqa: E731
-        q = dense("query")(x, train=train)
-        k = dense("key")(x, train=train)
-        v = dense("value")(x, train=train)
-        if self.peft.ia3:
-            ones = nn.initializers.ones
-            k = k * self.param("ia3_key", ones, (cfg.hidden_size,), jnp.float32).astype(k.dtype)
-            v = v * self.param("ia3_value", ones, (cfg.hidden_size,), jnp.float32).astype(v.dtype)
-        if prefix is not None:  # deep prefix tuning: learned keys/values every query sees
-            pk, pv = (jnp.broadcast_to(t.astype(k.dtype), (x.shape[0], *t.shape)) for t in prefix)
-            k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
-        q, k, v = (t.reshape(*t.shape[:-1], heads, width) for t in (q, k, v))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
-        return dense("output")(ctx, train=train)
-
-
 class Layer(nn.Module):
     """Pre-LN block: x + attn(LN(x)), then x + MLP(LN(x))."""
 
@@ -193,8 +164,9 @@ class Layer(nn.Module):
         cfg, peft = self.config, self.peft
         drop = nn.Dropout(self.dropout, deterministic=not train)
         h = _layer_norm(cfg, "layernorm_before", self.dtype)(x)
-        h = SelfAttention(cfg, cfg.attention_probs_dropout_prob, self.dtype, peft, name="attention")(
-            h, train=train, prefix=prefix)
+        h = SelfAttention(cfg, cfg.attention_probs_dropout_prob, self.dtype, peft, name="attention",
+                          kernel_init=nn.initializers.truncated_normal(cfg.initializer_range),
+                          output_name="output")(h, train=train, prefix=prefix)
         if peft.adapter == "houlsby":
             h = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="attention_adapter")(h)
         x = x + drop(h)
