@@ -17,6 +17,7 @@ from jax import lax
 
 from ftjax import models
 from ftjax.models import efficientnet
+from ftjax.tasks import classification
 
 
 def grouped(x, w, stride):
@@ -38,7 +39,7 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     a = ap.parse_args()
     config = models.variant_config("efficientnet", "lite0")
-    model = models.create_classifier("efficientnet", config, num_labels=10)
+    model = classification.build_classifier("efficientnet", config, num_labels=10)
     x = jnp.zeros((a.batch, a.size, a.size, 3))
     variables = model.init(jax.random.key(0), x[:1])
     results = {}

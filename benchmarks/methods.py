@@ -32,31 +32,30 @@ def measure(method: str, steps: int, length: int) -> dict:
     import numpy as np
 
     from configs import bert_sst2
-    from ftjax import assets, convert, methods, optim, train
+    from ftjax import assets, convert, methods, optim, tasks, train
     from ftjax import step as step_lib
     from ftjax import tree as tree_lib
-    from ftjax.data import pipeline, tokenizer as tok_lib
 
     config = bert_sst2.get_config(f"demo,method={method}")
     mesh = step_lib.make_mesh()
     rep = step_lib.replicated(mesh)
     model_dir = assets.resolve_model_dir(config.model.pretrained)
-    data = pipeline.TextData(config, tok_lib.load_tokenizer(model_dir))
-    model, hf, _ = train.build_model(config, data.num_labels)
+    task, data = tasks.create(config, train.resolve_model(config)[1])
+    model, hf, _ = train.build_model(config, task)
     dummy = [jnp.ones((1, 8), jnp.int32)] * 3
     params = jax.jit(lambda r: model.init(r, *dummy)["params"])(jax.random.key(0))
     params = tree_lib.merge(convert.load_pretrained(model_dir), jax.device_get(params),
-                            dont_load=("head/.*",) + train.PEFT_PARAMS)
+                            dont_load=("head/.*",) + methods.added_params())
     layers = hf["num_hidden_layers"]
     trainable, lr = methods.rules(config, layers)
     starts = methods.start_rules(config, layers, data.steps_per_epoch)
-    tx, _, _ = optim.make_optimizer(config, params, 1000, trainable, lr, starts)
+    tx, _ = optim.make_optimizer(config, params, 1000, trainable, lr, starts)
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 rng=jax.random.key_data(jax.random.key(1)))
     state = jax.device_put(state, rep)
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state) if hasattr(x, "nbytes"))
     fn = step_lib.jit_train_step(
-        step_lib.make_train_step(model, tx, num_labels=data.num_labels,
+        step_lib.make_train_step(model, tx, task,
                                  trainable=tree_lib.tree_from_rules(params, trainable)),
         mesh, jax.tree.map(lambda _: rep, state))
 

@@ -29,23 +29,21 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
 
-    from ftjax import assets, optim, train
+    from ftjax import optim, tasks, train
     from ftjax import step as step_lib
-    from ftjax.data import pipeline, tokenizer as tok_lib
 
     config = _CONFIG.value
     mesh = step_lib.make_mesh()
     rep = step_lib.replicated(mesh)
-    tok_dir = config.model.tokenizer or assets.resolve_model_dir(config.model.pretrained)
-    data = pipeline.TextData(config, tok_lib.load_tokenizer(tok_dir))
-    model, _, _ = train.build_model(config, data.num_labels)
+    task, data = tasks.create(config, train.resolve_model(config)[1])
+    model, _, _ = train.build_model(config, task)
     dummy = [jnp.ones((1, 8), jnp.int32)] * 3
     params = jax.jit(lambda r: model.init(r, *dummy)["params"], out_shardings=rep)(jax.random.key(0))
-    tx, _, _ = optim.make_optimizer(config, params, 1000)
+    tx, _ = optim.make_optimizer(config, params, 1000)
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 rng=jax.random.key_data(jax.random.key(1)))
     state = jax.device_put(state, rep)
-    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, num_labels=data.num_labels,
+    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, task,
                                                           accum_steps=config.accum_steps),
                                  mesh, jax.tree.map(lambda _: rep, state))
     batches = data.train_batches(start_step=0)

@@ -83,25 +83,14 @@ def get_config(arg: str | None = None):
 
     if a.model:
         c.model.pretrained = a.model
-    if a.method not in METHOD_LR:
-        raise ValueError(f"unknown method {a.method!r}; known: {', '.join(METHOD_LR)}")
-    c.method = a.method
-    if METHOD_LR[a.method] is not None:
-        c.optimizer.lr = METHOD_LR[a.method]
+    common.set_method(c, a.method, METHOD_LR)
     if a.method == "gradual_unfreezing":
         c.method_args.unfreeze_every_epochs = 0.125  # all 8 groups of MiniLM in the first epoch
     if a.method == "freeze":
         c.method_args.freeze_bottom_k = 3  # the embeddings and the bottom 3 layers
 
     if a.runlocal:
-        c.data.train_limit = 256
-        c.data.eval_limit = 128
-        c.num_epochs = None
-        c.total_steps = 24
-        c.batch_size = 16
-        c.eval_batch_size = 32
-        c.eval_every_steps = 8
-        c.checkpoint_every_steps = 8
-        c.log_every_steps = 4
+        common.set_runlocal(c, total_steps=24, every=8, log_every=4, batch_size=16,
+                            eval_batch_size=32, eval_limit=128)
 
     return c.lock()

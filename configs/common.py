@@ -26,12 +26,18 @@ def base_config() -> ml_collections.ConfigDict:
     # An HF snapshot folder, a hub name (e.g. "bert-base-uncased"), or "asset:NAME"
     # for a pinned offline asset (see ftjax/assets.py). None: no pretrained weights.
     c.model.pretrained = placeholder(str)
-    c.model.family = "bert"            # bert, vit, resnet or efficientnet (ftjax.models.FAMILIES)
+    # bert, vit, resnet or efficientnet (ftjax.models.FAMILIES), or a module path exporting
+    # FAMILY. None: the family whose model types include the pretrained config.json's
+    # "model_type" (a model from scratch, model.variant, needs it set).
+    c.model.family = placeholder(str)
     c.model.variant = placeholder(str)  # e.g. "tiny"; used when pretrained is None
     c.model.tokenizer = placeholder(str)  # tokenizer folder; None: the pretrained folder
     c.model.pooling = "pooler"          # "pooler" (BERT [CLS] + dense tanh), "cls" or "mean"
     c.model.dropout = placeholder(float)  # None: the pretrained config's hidden dropout
-    c.model.head_dropout = placeholder(float)  # None: same as dropout
+    # Dropout before the head. None: text encoders, their hidden dropout (model.dropout,
+    # else the pretrained config's); EfficientNet, its reference classifier dropout
+    # (the config's dropout_rate); other image encoders, 0.
+    c.model.head_dropout = placeholder(float)
     c.model.dtype = "float32"           # compute dtype: "float32" or "bfloat16" (params stay fp32)
     c.model.dont_load = ("head/.*",)    # regexes of params not taken from pretrained weights
     # BatchNorm encoders (resnet, efficientnet): False uses and keeps the pretrained
@@ -43,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     # full, linear_probe, freeze, gradual_unfreezing, bitfit, layernorm, lora, ia3, adapter,
     # prompt, prefix
     c.method = "full"
+    # What is predicted and how it is scored: a module of ftjax/tasks/ ("classification",
+    # "regression") or a dotted module path of your own task; None: regression when the
+    # data's labels are numbers (data.regression or a float label feature), else classification.
+    c.task = placeholder(str)
     c.method_args = ml_collections.ConfigDict()
     c.method_args.freeze = ()               # freeze: regexes of params to freeze
     c.method_args.freeze_bottom_k = 0       # freeze: embeddings + the bottom k layers
@@ -153,7 +163,6 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- evaluation, checkpoints, logs ---------------------------------------
     c.eval_batch_size = 64
     c.eval_every_steps = placeholder(int)   # None: once per epoch
-    c.eval_at_end = True
     c.metric = "accuracy"                   # dev metric used for best-k and early stopping
     c.metric_mode = "max"
     c.early_stopping_patience = 0           # evals without improvement; 0 disables
@@ -167,6 +176,70 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.export = True                         # params-only export to W/export at the end
     return c
+
+
+def set_method(c: ml_collections.ConfigDict, method: str, method_lr: dict[str, float | None],
+               what: str = "") -> None:
+    """Sets `c.method` and, where the setting has one, its usual learning rate.
+
+    Args:
+      c: the experiment config (unlocked).
+      method: a name from the config arg method=.
+      method_lr: the config's methods, each with its learning rate (None: keep
+        c.optimizer.lr, the setting's own).
+      what: text after the method name in the error for an unknown method
+        (e.g. " for a CNN").
+
+    Raises:
+      ValueError: `method` is not in `method_lr`.
+    """
+    if method not in method_lr:
+        raise ValueError(f"unknown method {method!r}{what}; known: {', '.join(method_lr)}")
+    c.method = method
+    if method_lr[method] is not None:
+        c.optimizer.lr = method_lr[method]
+
+
+def set_runlocal(c: ml_collections.ConfigDict, *, total_steps: int, every: int, log_every: int,
+                 batch_size: int, eval_batch_size: int, eval_limit: int, train_limit: int = 256,
+                 image_size: int | None = None, scratch_variant: str | None = None,
+                 splits: tuple[str, str, str | None] | None = None) -> None:
+    """Sets the smoke-test values of a config's `runlocal` arg.
+
+    A subset of the data (`train_limit` and `eval_limit` examples), `total_steps`
+    steps (num_epochs unset), an evaluation and a checkpoint every `every` steps.
+
+    Args:
+      c: the experiment config (unlocked).
+      total_steps, every, log_every, batch_size, eval_batch_size, eval_limit,
+        train_limit: as named (every: eval_every_steps and checkpoint_every_steps).
+      image_size: if set, data.image_size.
+      scratch_variant: if set, no pretrained weights: this model.variant from scratch.
+      splits: if set, the (train, dev, test) split names.
+    """
+    if scratch_variant is not None:
+        c.model.pretrained = None
+        c.model.variant = scratch_variant
+    if image_size is not None:
+        c.data.image_size = image_size
+    if splits is not None:
+        c.data.train_split, c.data.dev_split, c.data.test_split = splits
+    c.data.train_limit = train_limit
+    c.data.eval_limit = eval_limit
+    c.num_epochs = None
+    c.total_steps = total_steps
+    c.batch_size = batch_size
+    c.eval_batch_size = eval_batch_size
+    c.eval_every_steps = every
+    c.checkpoint_every_steps = every
+    c.log_every_steps = log_every
+
+
+# set_runlocal arguments of the TFDS image configs (resnet50_pets, vit_cifar10): a tiny
+# model from scratch at 32 px, on the train and test splits of tfds.testing.mock_data.
+TINY_IMAGE_RUNLOCAL = {"total_steps": 6, "every": 3, "log_every": 2, "batch_size": 32,
+                       "eval_batch_size": 32, "eval_limit": 64, "image_size": 32,
+                       "scratch_variant": "tiny", "splits": ("train", "test", None)}
 
 
 @dataclasses.dataclass

@@ -64,27 +64,15 @@ def get_config(arg: str | None = None):
         c.num_epochs = 1.0
         c.eval_every_steps = 0  # once, at the end of the epoch
 
-    if a.method not in METHOD_LR:
-        raise ValueError(f"unknown method {a.method!r} for a CNN; known: {', '.join(METHOD_LR)}")
-    c.method = a.method
-    if METHOD_LR[a.method] is not None:
-        c.optimizer.lr = METHOD_LR[a.method]
+    common.set_method(c, a.method, METHOD_LR, what=" for a CNN")
     if a.method == "freeze":
         c.method_args.freeze_bottom_k = 8  # the stem and the first 8 of 16 blocks
     if a.method == "gradual_unfreezing":
         c.method_args.unfreeze_every_epochs = 0.05
 
     if a.runlocal:
-        c.data.image_size = 32
+        common.set_runlocal(c, total_steps=8, every=4, log_every=2, batch_size=16,
+                            eval_batch_size=64, eval_limit=128, image_size=32)
         c.data.crop_padding = 2
-        c.data.train_limit = 256
-        c.data.eval_limit = 128
-        c.num_epochs = None
-        c.total_steps = 8
-        c.batch_size = 16
-        c.eval_batch_size = 64
-        c.eval_every_steps = 4
-        c.checkpoint_every_steps = 4
-        c.log_every_steps = 2
 
     return c.lock()

@@ -53,29 +53,13 @@ def get_config(arg: str | None = None):
     c.metric = "accuracy"
     c.log_every_steps = 20
 
-    if a.method not in METHOD_LR:
-        raise ValueError(f"unknown method {a.method!r} for a CNN; known: {', '.join(METHOD_LR)}")
-    c.method = a.method
-    if METHOD_LR[a.method] is not None:
-        c.optimizer.lr = METHOD_LR[a.method]
+    common.set_method(c, a.method, METHOD_LR, what=" for a CNN")
     if a.method == "freeze":
         c.method_args.freeze_bottom_k = 2  # the stem and stages 0-1
     if a.method == "gradual_unfreezing":
         c.method_args.unfreeze_every_epochs = 2.0
 
     if a.runlocal:
-        c.model.pretrained = None
-        c.model.variant = "tiny"
-        c.data.image_size = 32
-        c.data.train_split, c.data.dev_split, c.data.test_split = "train", "test", None
-        c.data.train_limit = 256
-        c.data.eval_limit = 64
-        c.batch_size = 32
-        c.eval_batch_size = 32
-        c.num_epochs = None
-        c.total_steps = 6
-        c.eval_every_steps = 3
-        c.checkpoint_every_steps = 3
-        c.log_every_steps = 2
+        common.set_runlocal(c, **common.TINY_IMAGE_RUNLOCAL)
 
     return c.lock()

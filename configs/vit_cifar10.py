@@ -59,11 +59,7 @@ def get_config(arg: str | None = None):
     c.metric = "accuracy"
     c.log_every_steps = 50
 
-    if a.method not in METHOD_LR:
-        raise ValueError(f"unknown method {a.method!r}; known: {', '.join(METHOD_LR)}")
-    c.method = a.method
-    if METHOD_LR[a.method] is not None:
-        c.optimizer.lr = METHOD_LR[a.method]
+    common.set_method(c, a.method, METHOD_LR)
     if a.method == "prompt":
         c.method_args.prompt_init = "random"
         c.method_args.prompt_tokens = 50  # VPT-shallow's usual length
@@ -73,18 +69,7 @@ def get_config(arg: str | None = None):
         c.method_args.unfreeze_every_steps = 500
 
     if a.runlocal:
-        c.model.pretrained = None
-        c.model.variant = "tiny"
-        c.data.image_size = 32
-        c.data.train_split, c.data.dev_split, c.data.test_split = "train", "test", None
-        c.data.train_limit = 256
-        c.data.eval_limit = 64
-        c.batch_size = 32
-        c.eval_batch_size = 32
-        c.total_steps = 6
+        common.set_runlocal(c, **common.TINY_IMAGE_RUNLOCAL)
         c.schedule.warmup_steps = 2
-        c.eval_every_steps = 3
-        c.checkpoint_every_steps = 3
-        c.log_every_steps = 2
 
     return c.lock()

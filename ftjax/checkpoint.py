@@ -558,4 +558,6 @@ def load_export(path: PathLike) -> tuple[Any, dict]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"export {path} cannot be read (meta.json: {_first_line(e)}); ftjax leaves "
                               "it in place: export the run again or use another export") from None
+    if "hf_config" in meta and "model_config" not in meta:  # exports written before tasks
+        meta["model_config"] = meta.pop("hf_config")
     return _read_export_item(path, "params", "checksums.json"), meta

@@ -1,4 +1,9 @@
-"""Metrics over whole evaluation splits, accumulated on the host.
+"""Evaluators: metrics over whole evaluation splits, accumulated on the host.
+
+An evaluator (big_vision style) takes `update(predictions, rows)` once per eval batch,
+with the host copy of the task's on-device predictions and the batch rows it needs
+(always "mask": 1 for real rows, 0 for padding), and returns `{name: value}` from
+`result()`. Tasks (ftjax/tasks/) choose theirs.
 
 Classification: accuracy, F1 (binary: of class 1; multi-class: macro), Matthews
 correlation (multi-class form), mean cross-entropy. Regression (one output): Pearson,
@@ -16,17 +21,17 @@ class _Accumulator:
     def __init__(self):
         self._logits, self._labels = [], []
 
-    def update(self, logits: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> None:
+    def update(self, logits: np.ndarray, rows: dict[str, np.ndarray]) -> None:
         """Adds one batch; rows with mask 0 are dropped.
 
         Args:
           logits: [b, C] (or [b, 1] for regression).
-          labels: [b] class indices or float targets.
-          mask: [b], 1 for real rows and 0 for padding rows.
+          rows: "label" ([b] class indices or float targets) and "mask" ([b], 1 for
+            real rows and 0 for padding rows).
         """
-        keep = np.asarray(mask) > 0
+        keep = np.asarray(rows["mask"]) > 0
         self._logits.append(np.asarray(logits, np.float64)[keep])
-        self._labels.append(np.asarray(labels)[keep])
+        self._labels.append(np.asarray(rows["label"])[keep])
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if not self._logits or sum(len(x) for x in self._labels) == 0:
@@ -74,9 +79,37 @@ class RegressionMetrics(_Accumulator):
         }
 
 
-def metrics_for(num_labels: int) -> _Accumulator:
-    """The metric accumulator for a head with `num_labels` outputs (1 = regression)."""
-    return RegressionMetrics() if num_labels == 1 else ClassificationMetrics(num_labels)
+class SequenceMetrics:
+    """Token-sequence predictions against references: exact_match, token_accuracy, num_examples.
+
+    `predictions["tokens"]` and `rows["labels"]` are int [b, T] (compared up to the
+    reference length given by `rows["label_mask"]`; predictions are cut or padded to it).
+    """
+
+    def __init__(self, eos_id: int | None = None):
+        self.eos_id = eos_id
+        self._exact, self._correct, self._tokens, self._n = 0, 0, 0, 0
+
+    def update(self, predictions: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> None:
+        tokens, labels = np.asarray(predictions["tokens"]), np.asarray(rows["labels"])
+        label_mask = np.asarray(rows["label_mask"]) > 0
+        for pred, ref, m, real in zip(tokens, labels, label_mask, np.asarray(rows["mask"]) > 0):
+            if not real:
+                continue
+            ref = ref[m]
+            pred = pred[:len(ref)]
+            pred = np.pad(pred, (0, len(ref) - len(pred)), constant_values=-1)
+            hits = int((pred == ref).sum())
+            self._exact += int(hits == len(ref))
+            self._correct += hits
+            self._tokens += len(ref)
+            self._n += 1
+
+    def result(self) -> dict[str, float]:
+        if not self._n:
+            raise UserError("the evaluation split has no examples")
+        return {"exact_match": self._exact / self._n, "token_accuracy": self._correct / max(self._tokens, 1),
+                "num_examples": self._n}
 
 
 def f1_from_confusion(confusion: np.ndarray) -> float:

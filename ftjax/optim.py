@@ -111,7 +111,7 @@ def _gate_until(starts: Any) -> optax.GradientTransformation:
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: int,
                    trainable_rules=None, lr_rules=None, start_rules=None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule, list[tuple]]:
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds the optimizer from the config's rule lists.
 
     Args:
@@ -124,8 +124,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
         its step (gradual unfreezing). None: every trainable leaf trains from step 0.
 
     Returns:
-      (tx, schedule, table) where table rows are (rule, value, n_params) for the
-      trainable rules, for logging.
+      (tx, schedule); `format_rule_table` shows what the trainable rules matched.
     """
     opt = config.optimizer
     trainable_rules = opt.trainable if trainable_rules is None else trainable_rules
@@ -156,7 +155,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
     train_tx = optax.chain(*parts)
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
     tx = optax.multi_transform({"train": train_tx, "frozen": optax.set_to_zero()}, labels)
-    return tx, schedule, tree_lib.rule_table(params, trainable_rules)
+    return tx, schedule
 
 
 def trainable_count(params: Any, rules) -> int:

@@ -1,11 +1,11 @@
-"""Classify texts or images with a fine-tuned model.
+"""Run a fine-tuned model on texts or images.
 
   python -m ftjax.predict --workdir=W "text" ...       # a text model
   python -m ftjax.predict --workdir=W photo.jpg ...    # an image model: image files
 
 Loads the params-only export (W/export) with its tokenizer or image preprocessing and
-label names, and prints one line per input: the label and its probability (or the
-value, for regression).
+prints one line per input, as its task renders it: the label and its probability
+(classification), the value (regression), or the task's own rendering.
 """
 
 from __future__ import annotations
@@ -38,8 +38,16 @@ def main(argv):
         for start in range(0, len(texts), _BATCH.value):
             chunk = texts[start:start + _BATCH.value]
             pairs = [_PAIR.value] * len(chunk) if _PAIR.value else None
-            for text, (label, p) in zip(chunk, predictor(chunk, pairs)):
-                print(f"{label}\t{p:.4f}\t{text}" if label else f"{p:.6g}\t{text}")
+            for text, out in zip(chunk, predictor(chunk, pairs)):
+                print(f"{render(out)}\t{text}")
+
+
+def render(out) -> str:
+    """One prediction as text: "label<TAB>probability", a regression value, or str(out)."""
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], float):
+        label, value = out
+        return f"{label}\t{value:.4f}" if label else f"{value:.6g}"
+    return str(out)
 
 
 if __name__ == "__main__":

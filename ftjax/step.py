@@ -18,8 +18,9 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ftjax.tasks import apply
+
 Batch = dict[str, jax.Array]
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @flax.struct.dataclass
@@ -69,41 +70,22 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def loss_and_correct(logits: jax.Array, labels: jax.Array, num_labels: int):
-    """Per-example loss (cross-entropy, or squared error for 1 label) and correctness."""
-    logits = logits.astype(jnp.float32)
-    if num_labels == 1:
-        err = logits[:, 0] - labels.astype(jnp.float32)
-        return err**2, jnp.zeros_like(err)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-
-
-def input_keys(model: nn.Module) -> tuple[str, ...]:
-    """The batch keys the model takes, in call order (text: ids, mask, types; images: image)."""
-    return tuple(getattr(model, "input_keys", INPUT_KEYS))
-
-
 def updates_batch_stats(model: nn.Module, model_state) -> bool:
     """Whether train steps update BatchNorm statistics (else they use the stored ones)."""
     return bool(getattr(model, "update_batch_stats", False)) and "batch_stats" in model_state
 
 
-def _apply(model: nn.Module, variables, batch: Batch, *, train: bool, rng=None, mutable=False):
-    rngs = {"dropout": rng} if train else {}
-    return model.apply(variables, *(batch[k] for k in input_keys(model)), train=train, rngs=rngs,
-                       mutable=mutable)
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, num_labels: int,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task, *,
                     accum_steps: int = 1, trainable: Any = None, skip_nonfinite: bool = False
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Returns the pure `train_step(state, batch) -> (state, metrics)`.
 
+    Metrics are "loss", the task's train metrics and "grad_norm" (+ "skipped").
+
     Args:
-      model: the classifier module.
+      model: the task's model.
       tx: the optimizer (frozen leaves already map to set_to_zero).
-      num_labels: number of classes, 1 for regression.
+      task: the task (ftjax/tasks/): `task.loss(outputs, batch)`.
       accum_steps: micro-batches per optimizer step; gradients are averaged.
       trainable: bool tree like params; the grad norm is reported over True leaves.
       skip_nonfinite: a step whose loss or trainable gradient norm is NaN/Inf leaves
@@ -117,19 +99,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, num_l
     def loss_fn(params, model_state, micro, rng):
         variables = {"params": params, **model_state}
         if updates_batch_stats(model, model_state):
-            logits, new = _apply(model, variables, micro, train=True, rng=rng, mutable=["batch_stats"])
+            outputs, new = apply(model, variables, micro, train=True, rng=rng, mutable=["batch_stats"])
             model_state = {**model_state, **new}
         else:
-            logits = _apply(model, variables, micro, train=True, rng=rng)
-        loss, correct = loss_and_correct(logits, micro["label"], num_labels)
-        return loss.mean(), (correct.mean(), model_state)
+            outputs = apply(model, variables, micro, train=True, rng=rng)
+        loss, metrics = task.loss(outputs, micro)
+        return loss, (metrics, model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch):
         rng = jax.random.fold_in(state.rng, state.step)
         if accum_steps == 1:
-            (loss, (acc, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+            (loss, (task_metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
         else:
             # Micro-batch i takes rows i, i+k, i+2k...: every micro-batch stays spread
             # over all devices instead of landing on a few.
@@ -143,18 +125,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, num_l
                 (l, (a, ms)), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i))
                 return (jax.tree.map(jnp.add, sums, (l, a, g)), ms), None
 
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            ((loss, acc, grads), model_state), _ = jax.lax.scan(
+            metric_shapes = jax.eval_shape(lambda: grad_fn(state.params, state.model_state,
+                                                           jax.tree.map(lambda x: x[0], micro), rng)[0][1][0])
+            zeros = (jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+                     jax.tree.map(jnp.zeros_like, state.params))
+            ((loss, task_metrics, grads), model_state), _ = jax.lax.scan(
                 body, (zeros, state.model_state), (jnp.arange(accum_steps), micro))
-            loss, acc, grads = jax.tree.map(lambda x: x / accum_steps, (loss, acc, grads))
+            loss, task_metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, task_metrics, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if trainable is not None:
             grads = jax.tree.map(lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable)
         grad_norm = optax.global_norm(grads)
-        metrics = {"loss": loss, "accuracy": acc, "grad_norm": grad_norm}
-        if num_labels == 1:
-            del metrics["accuracy"]
+        metrics = {"loss": loss, **task_metrics, "grad_norm": grad_norm}
         if skip_nonfinite:
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             params, opt_state, model_state = jax.tree.map(
@@ -168,14 +151,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, num_l
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], jax.Array]:
-    """Returns `eval_step(variables, batch) -> float32 logits [B, num_labels]`.
+def make_eval_step(model: nn.Module, task) -> Callable[[Any, Batch], Any]:
+    """Returns `eval_step(variables, batch) -> task.predict(model, variables, batch)`.
 
     `variables` is {"params": ..., **model_state} (see `variables_of`).
     """
 
     def eval_step(variables, batch: Batch):
-        return _apply(model, variables, batch, train=False).astype(jnp.float32)
+        return task.predict(model, variables, batch)
 
     return eval_step
 

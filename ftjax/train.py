@@ -1,9 +1,13 @@
-"""The training loop: start or resume, train, evaluate, checkpoint, export, summarise."""
+"""The training loop: start or resume, train, evaluate, checkpoint; the end goes to ftjax.export.
+
+Nothing here depends on the task (ftjax/tasks/), the model family (ftjax/models/) or the
+fine-tuning method (ftjax/methods/): each plugs in through its own interface.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -16,16 +20,11 @@ import numpy as np
 from etils import epath
 
 from ftjax import checkpoint as ckpt_lib
-from ftjax import evaluators
 from ftjax import optim
 from ftjax import step as step_lib
 from ftjax import tree as tree_lib
 from ftjax.errors import UserError
 from ftjax.logs import MetricWriter, ProgressBar, info
-
-# Parameters a fine-tuning method adds, which pretrained weights and plain exports lack.
-PEFT_PARAMS = (r".*/lora_[ab]", r".*/ia3_[a-z]+", r".*_adapter/.*", r".*/prompt", r".*/prefix/.*")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class NonFiniteError(UserError):
@@ -81,6 +80,52 @@ class PreemptionWatch:
         self._previous.clear()
 
 
+@dataclasses.dataclass
+class LoopState:
+    """What the loop carries besides the train state; saved with every checkpoint."""
+
+    best_value: float | None = None  # best dev config.metric so far
+    bad_evals: int = 0  # evals since it last improved (early stopping)
+    train_time_s: float = 0.0  # train time so far, without compiles, evals and saves
+    examples_seen: int = 0  # examples of timed steps (the compile step is not timed)
+    tokens_seen: int = 0  # tokens of those, padding included (0 for images)
+    stopped_early: bool = False
+    skipped_steps: int = 0  # non-finite steps dropped with config.nonfinite="skip"
+
+    @classmethod
+    def from_checkpoint(cls, extra: dict) -> "LoopState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in extra.items() if k in names})
+
+
+class Stopwatch:
+    """Train time = wall time since start - compile - time spent `aside()` (evals, saves)."""
+
+    def __init__(self, resumed_s: float = 0.0):
+        self._start, self._resumed = time.perf_counter(), resumed_s
+        self.side_s, self.compile_s = 0.0, None
+        self._aside_from: float | None = None
+
+    @contextlib.contextmanager
+    def aside(self):
+        """The time inside this context is not train time."""
+        self._aside_from = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.side_s += time.perf_counter() - self._aside_from
+            self._aside_from = None
+
+    def compiled(self, seconds: float) -> None:
+        self.compile_s = seconds
+        self.side_s += seconds
+
+    def train_s(self) -> float:
+        now = time.perf_counter()
+        running_aside = now - self._aside_from if self._aside_from is not None else 0.0
+        return self._resumed + now - self._start - self.side_s - running_aside
+
+
 def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, int]:
     """Turns every duration of the config into optimizer steps, in one place."""
     # total_steps, when set, wins: `--config.total_steps=N` works on any config.
@@ -121,104 +166,78 @@ def _abstract(tree: Any, sharding) -> Any:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
-def build_model(config: ml_collections.ConfigDict, num_labels: int):
-    """Returns (module, hf_config, pretrained_dir or None) for `config.model`."""
-    from ftjax import assets, methods, models
+def resolve_model(config: ml_collections.ConfigDict):
+    """(family name, FamilySpec, model config dict, pretrained folder or None) of `config.model`.
 
-    model_dir = None
+    The family is `config.model.family`, or, when that is unset, the one whose model
+    types include the pretrained config.json's "model_type".
+    """
+    from ftjax import assets, models
+
+    name, model_dir = config.model.family, None
     if config.model.pretrained:
         model_dir = assets.resolve_model_dir(config.model.pretrained)
-        hf_config = models.load_hf_config(model_dir, family=config.model.family,
-                                          variant=config.model.variant)
+        model_config = models.load_hf_config(model_dir, family=name, variant=config.model.variant)
+        if name is None:
+            name = models.family_of(model_config, f"{model_dir}/config.json")
+        spec = models.family(name)
+        model_type = model_config.get("model_type")
+        if model_type and spec.model_types and model_type not in spec.model_types:
+            raise UserError(f"{model_dir}/config.json has model_type {model_type!r}, which the {name} family "
+                            f"does not read ({', '.join(spec.model_types)}); leave config.model.family unset "
+                            "to choose the family by model_type, or set the one that matches")
     elif config.model.variant:
-        hf_config = models.variant_config(config.model.family, config.model.variant)
+        if name is None:
+            raise UserError("set config.model.family: a model from scratch (config.model.variant) needs one")
+        model_config = models.variant_config(name, config.model.variant)
     else:
         raise UserError("set config.model.pretrained (a folder, hub name or asset:NAME) "
                         "or config.model.variant for a model from scratch")
-    module = models.create_classifier(
-        config.model.family, hf_config, num_labels=num_labels, pooling=config.model.pooling,
-        dropout=config.model.dropout, head_dropout=config.model.head_dropout,
-        dtype=config.model.dtype, peft=methods.peft(config),
+    return name, models.family(name), model_config, model_dir
+
+
+def make_model(config: ml_collections.ConfigDict, task, family_name: str, model_config: dict):
+    """The task's model over the family's encoder, with the method's additions."""
+    from ftjax import methods, models
+
+    family = models.family(family_name)
+    methods.check_family(config, family)
+    options = models.EncoderOptions(
+        dtype=models.dtype(config.model.dtype), peft=methods.peft(config), dropout=config.model.dropout,
         update_batch_stats=config.model.update_batch_stats,
-        image_size=config.data.image_size if models.modality(config.model.family) == "image" else None)
-    return module, hf_config, model_dir
+        image_size=config.data.image_size if family.modality == "image" else None)
+    return task.build_model(family_name, model_config, options)
 
 
-def load_data(config: ml_collections.ConfigDict):
-    """(data, tokenizer or None, tokenizer folder or None) for the config's modality."""
-    from ftjax import models
-
-    if models.modality(config.model.family) == "image":
-        from ftjax.data import images
-
-        return (images.ImageData(config, images.make_preprocess(config), process_index=jax.process_index(),
-                                 process_count=jax.process_count()), None, None)
-    from ftjax.data import pipeline, tokenizer as tok_lib
-
-    if not (config.model.tokenizer or config.model.pretrained):
-        raise UserError("set config.model.tokenizer (a folder with tokenizer files) or config.model.pretrained")
-    if config.model.tokenizer:
-        tok_dir = epath.Path(config.model.tokenizer)
-    else:
-        from ftjax import assets
-        tok_dir = epath.Path(assets.resolve_model_dir(config.model.pretrained))
-    tokenizer = tok_lib.load_tokenizer(tok_dir)
-    data = pipeline.TextData(config, tokenizer, process_index=jax.process_index(),
-                             process_count=jax.process_count())
-    return data, tokenizer, tok_dir
+def build_model(config: ml_collections.ConfigDict, task):
+    """(module, model config dict, pretrained folder or None) for `config.model` and `task`."""
+    name, _, model_config, model_dir = resolve_model(config)
+    return make_model(config, task, name, model_config), model_config, model_dir
 
 
-def make_preprocess_of(config):
-    """The eval/train image preprocessing of an image config (stored in exports)."""
-    from ftjax.data import images
-
-    return images.make_preprocess(config)
-
-
-def dummy_inputs(model, config) -> list[jax.Array]:
-    """One-example inputs in the model's call order, for init and shape inference."""
-    keys = step_lib.input_keys(model)
-    if keys == ("image",):
-        size = int(config.data.image_size)
-        return [jnp.zeros((1, size, size, 3), jnp.float32)]
-    return [jnp.ones((1, 8), jnp.int32) for _ in keys]
-
-
-def _fit_position_embeddings(loaded, variables):
-    """Resamples pretrained ViT position embeddings to this run's patch grid (e.g. 224 -> 384)."""
-    from ftjax.models import vit
-
-    try:
-        old = loaded["params"]["vit"]["embeddings"]["position_embeddings"]
-        new = variables["params"]["vit"]["embeddings"]["position_embeddings"]
-    except KeyError:
-        return loaded  # the strict merge names what is missing
-    if old.shape != new.shape:
-        side = int(round((new.shape[1] - 1) ** 0.5))
-        info(f"ViT position embeddings resampled from {old.shape[1] - 1} to {new.shape[1] - 1} patches")
-        loaded = jax.tree.map(lambda x: x, loaded)  # a copy; the conversion cache stays as it is
-        loaded["params"]["vit"]["embeddings"]["position_embeddings"] = vit.resample_posemb(old, (side, side))
-    return loaded
-
-
-def load_pretrained_variables(config, model_dir, variables, num_labels: int):
+def load_pretrained_variables(config, family, model_dir, variables):
     """Merges the converted pretrained weights into freshly initialised `variables`.
 
-    The method's own parameters (adapters, prompts, ...) and `config.model.dont_load`
-    keep their init; a pretrained head whose class count differs from the task's is
-    not loaded (an image model's 1000 ImageNet classes, for example).
+    The methods' own parameters (adapters, prompts, ...) and `config.model.dont_load`
+    keep their init; so does a pretrained head whose shape differs from the task's
+    (an image model's 1000 ImageNet classes, for example).
     """
-    from ftjax import convert
+    from ftjax import convert, methods
 
-    loaded = convert.load_pretrained_variables(model_dir, family=config.model.family)
-    if config.model.family == "vit":
-        loaded = _fit_position_embeddings(loaded, variables)
-    dont_load = tuple(config.model.dont_load) + PEFT_PARAMS
-    head = loaded.get("params", {}).get("head")
-    if head is not None and np.shape(head.get("bias", ()))[-1:] != (num_labels,):
-        info(f"pretrained head ({np.shape(head['bias'])[-1]} outputs) not loaded: the task has "
-             f"{num_labels} labels")
-        dont_load += (r"head/.*",)
+    loaded = convert.load_pretrained_variables(model_dir, family=family.name)
+    if family.load is not None:
+        loaded = family.load(loaded, variables)
+    dont_load = tuple(config.model.dont_load) + methods.added_params()
+    present = tree_lib.flatten(loaded)
+    # parameters the family allows a checkpoint to lack (a pooler), where this one lacks them
+    dont_load += tuple(p for p in family.optional if not any(tree_lib.any_match(k, (p,)) for k in present))
+    head, fresh_head = loaded.get("params", {}).get("head"), variables["params"].get("head")
+    if head is not None and fresh_head is not None:
+        old, new = np.shape(head.get("bias", ()))[-1:], np.shape(fresh_head.get("bias", ()))[-1:]
+        if old != new:
+            info(f"pretrained head ({old[0] if old else '?'} outputs) not loaded: the task's head has "
+                 f"{new[0] if new else '?'}")
+            dont_load += (r"head/.*",)
     out = dict(variables)
     for collection, fresh in variables.items():
         if collection in loaded:
@@ -229,32 +248,190 @@ def load_pretrained_variables(config, model_dir, variables, num_labels: int):
     return out
 
 
-def evaluate(eval_step, variables, data, split: str, mesh, num_labels: int, input_keys) -> dict[str, float]:
-    """Runs the model over every example of `split` and returns its metrics.
+@dataclasses.dataclass
+class Run:
+    """Everything one run is built from (see `setup`)."""
 
-    Args:
-      eval_step: the jitted `eval_step(variables, batch)`.
-      variables: {"params": ..., **model_state}.
-      data: TextData or ImageData.
-      split: "dev" or "test".
-      mesh: the device mesh.
-      num_labels: classes (1: regression).
-      input_keys: the model's input batch keys.
-    """
-    metrics = evaluators.metrics_for(num_labels)
-    for batch in data.eval_batches(split):
-        inputs = {k: batch[k] for k in input_keys}
-        logits = step_lib.to_host(eval_step(variables, step_lib.shard_batch(inputs, mesh)))
-        labels, mask = batch["label"], batch["mask"]
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    mesh: Any
+    family_name: str  # config.model.family, or the one chosen by model_type
+    family: Any
+    task: Any
+    data: Any
+    model: Any
+    model_config: dict
+    model_dir: Any
+    steps: dict[str, int]
+    tx: Any
+    schedule: Any
+    trainable_mask: Any
+    total_params: int
+    trainable_params: int
+    state_shapes: Any
+    init: tuple  # (jitted init fn, its rng, variables -> TrainState)
+    checkpointer: ckpt_lib.Checkpointer
+    train_step: Any
+    eval_step: Any
+
+    @property
+    def replicated(self):
+        return step_lib.replicated(self.mesh)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
+    """Data, task, model, optimizer, checkpointer and jitted steps of a run."""
+    from ftjax import methods, tasks
+
+    mesh = step_lib.make_mesh()
+    _check_settings(config, mesh.size)
+    replicated = step_lib.replicated(mesh)
+    family_name, family, model_config, model_dir = resolve_model(config)
+    task, data = tasks.create(config, family, jax.process_index(), jax.process_count())
+    model = make_model(config, task, family_name, model_config)
+    layout = family.layout(family.config(model_config))
+    steps = resolve_steps(config, data.steps_per_epoch)
+
+    dummy = model.dummy_inputs()
+    init_fn = jax.jit(lambda rng: model.init(rng, *dummy), out_shardings=replicated)
+    params_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+    variable_shapes = jax.eval_shape(init_fn, params_rng)
+    param_shapes = variable_shapes["params"]
+    trainable_rules, lr_rules = methods.rules(config, layout)
+    start_rules = methods.start_rules(config, layout, data.steps_per_epoch)
+    tx, schedule = optim.make_optimizer(config, param_shapes, steps["total"], trainable_rules, lr_rules,
+                                        start_rules)
+    if jax.process_index() == 0:
+        info(f"method {config.method}; parameters by trainable rule:\n"
+             + optim.format_rule_table(param_shapes, trainable_rules))
+
+    def make_state(variables):
+        params = variables["params"]
+        return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                   opt_state=tx.init(params), rng=jax.random.key_data(state_rng),
+                                   model_state={k: v for k, v in variables.items() if k != "params"})
+
+    state_shapes = jax.eval_shape(make_state, variable_shapes)
+    total_params = tree_lib.count_params(param_shapes)
+    fingerprint = {"family": family_name, **task.fingerprint(), "total_params": total_params,
+                   "param_shapes": {k: list(v.shape) for k, v in tree_lib.flatten(param_shapes).items()}}
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, keep=config.keep_checkpoints, keep_best=config.keep_best, metric=config.metric,
+        mode=config.metric_mode, fingerprint=fingerprint)
+    trainable_mask = tree_lib.tree_from_rules(param_shapes, trainable_rules)
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(model, tx, task, accum_steps=config.accum_steps, trainable=trainable_mask,
+                                 skip_nonfinite=config.nonfinite == "skip"),
+        mesh, jax.tree.map(lambda _: replicated, state_shapes))
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, task), mesh, replicated)
+    return Run(config, workdir, mesh, family_name, family, task, data, model, model_config, model_dir, steps, tx,
+               schedule, trainable_mask, total_params, optim.trainable_count(param_shapes, trainable_rules),
+               state_shapes, (init_fn, params_rng, make_state), checkpointer, train_step, eval_step)
+
+
+def initial_state(run: Run) -> tuple[Any, LoopState, str]:
+    """(train state, loop state, where it came from): resume > init_from > pretrained > scratch."""
+    from ftjax import methods
+
+    config, replicated = run.config, run.replicated
+    latest = run.checkpointer.latest_step()
+    if latest is not None:
+        state, extra = run.checkpointer.restore(_abstract(run.state_shapes, replicated), latest)
+        return state, LoopState.from_checkpoint(extra), f"resumed from {run.workdir} at step {latest}"
+    init_fn, params_rng, make_state = run.init
+    variables = jax.device_get(init_fn(params_rng))
+    if config.init_from:
+        loaded, _ = ckpt_lib.load_export(config.init_from)
+        # Exports hold plain models where the method merges: method parameters the
+        # export lacks start fresh; those it has (adapters, prompts) are loaded.
+        present = tree_lib.flatten(loaded)
+        absent = tuple(p for p in methods.added_params()
+                       if not any(tree_lib.any_match(k, (p,)) for k in present))
+        variables["params"] = tree_lib.merge(loaded, variables["params"], dont_load=absent)
+        for collection, value in ckpt_lib.load_export_model_state(config.init_from).items():
+            if collection in variables:
+                variables[collection] = tree_lib.merge(value, variables[collection])
+        start_from = f"initialised from {config.init_from}"
+    elif run.model_dir is not None:
+        variables = load_pretrained_variables(config, run.family, run.model_dir, variables)
+        start_from = f"pretrained {config.model.pretrained}"
+    else:
+        start_from = "scratch"
+    variables["params"] = methods.post_load(config, variables["params"], run.data.tokenizer)
+    variables = jax.device_put(variables, replicated)
+    return jax.jit(make_state, out_shardings=replicated)(variables), LoopState(), start_from
+
+
+def evaluate(run: Run, variables, split: str) -> dict[str, float]:
+    """Runs the task's predict over every example of `split`; returns its evaluators' metrics."""
+    evaluators = run.task.evaluators()
+    predict_keys = getattr(run.task, "predict_keys", None) or run.model.input_keys
+    row_keys = (*run.task.eval_keys, "mask")
+    for batch in run.data.eval_batches(split):
+        out = run.eval_step(variables, step_lib.shard_batch({k: batch[k] for k in predict_keys}, run.mesh))
+        predictions = jax.tree.map(step_lib.to_host, out)
+        rows = {k: batch[k] for k in row_keys}
         if jax.process_count() > 1:  # each process holds its rows only: gather all of them
-            rows = step_lib.shard_batch({"label": labels, "mask": mask}, mesh)
-            labels, mask = step_lib.to_host(rows["label"]), step_lib.to_host(rows["mask"])
-        metrics.update(logits, labels, mask)
-    return metrics.result()
+            rows = {k: step_lib.to_host(v) for k, v in step_lib.shard_batch(rows, run.mesh).items()}
+        for evaluator in evaluators:
+            evaluator.update(predictions, rows)
+    metrics: dict[str, float] = {}
+    for evaluator in evaluators:
+        metrics.update(evaluator.result())
+    return metrics
 
 
-def _improved(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
+def evaluate_and_track(run: Run, state, loop: LoopState, step: int, writer: MetricWriter) -> dict:
+    """Dev evaluation at `step`: log it, track the best value, decide early stopping; returns it."""
+    config = run.config
+    dev = evaluate(run, step_lib.variables_of(state.params, state.model_state), "dev")
+    writer.write(step, {f"dev/{k}": v for k, v in dev.items()})
+    if config.metric not in dev:
+        raise UserError(f"config.metric={config.metric!r} is not a dev metric ({', '.join(dev)})")
+    value = dev[config.metric]
+    if loop.best_value is None or (value > loop.best_value if config.metric_mode == "max"
+                                   else value < loop.best_value):
+        loop.best_value, loop.bad_evals = value, 0
+    else:
+        loop.bad_evals += 1
+    if config.early_stopping_patience and loop.bad_evals >= config.early_stopping_patience:
+        loop.stopped_early = True
+        info(f"early stop at step {step}: no dev {config.metric} gain in {loop.bad_evals} evals")
+    return dev
+
+
+class _Pending:
+    """Step metrics still on device; fetched in groups, checked for NaN/Inf."""
+
+    def __init__(self, nonfinite: str, loop: LoopState):
+        self.items: list[tuple[int, dict]] = []
+        self.nonfinite, self.loop = nonfinite, loop
+        self.last_saved: int | None = None
+
+    def fetch(self) -> list[dict]:
+        steps = [s for s, _ in self.items]
+        fetched = jax.device_get([m for _, m in self.items])
+        self.items.clear()
+        for s, m in zip(steps, fetched):
+            self.loop.skipped_steps += int(m.get("skipped", 0))
+            bad = [k for k in m if k != "skipped" and not np.all(np.isfinite(m[k]))]
+            if bad and self.nonfinite != "skip":
+                kept = (f"the last checkpoint, step {self.last_saved}, is kept" if self.last_saved is not None
+                        else "no checkpoint was saved yet")
+                raise NonFiniteError(
+                    f"train {bad[0]} is {float(m[bad[0]])} at step {s}; stopped ({kept}). Lower "
+                    "optimizer.lr or raise schedule.warmup_steps, check the data, or set "
+                    "config.nonfinite=skip to drop such updates")
+        return fetched
+
+
+def _log_row(fetched: list[dict], config, lr: float, examples: int, tokens: int, seconds: float) -> dict:
+    kept = [m for m in fetched if not m.get("skipped", 0)] or fetched  # skipped steps stay out of the mean
+    row = {f"train/{k}": float(np.mean([m[k] for m in kept])) for k in kept[0] if k != "skipped"}
+    if config.nonfinite == "skip":
+        row["train/skipped"] = float(sum(m["skipped"] for m in fetched))
+    row.update({"lr": lr, "examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds})
+    return row
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -271,217 +448,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns:
       The summary dict also written to `workdir/summary.json`.
     """
-    from ftjax import methods, models
+    from ftjax import export
 
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    mesh = step_lib.make_mesh()
-    _check_settings(config, mesh.size)
-    rep = step_lib.replicated(mesh)
-
-    # ---- data and model ------------------------------------------------------
-    data, tokenizer, tok_dir = load_data(config)
-    num_labels = data.num_labels
-    model, hf_config, model_dir = build_model(config, num_labels)
-    input_keys = step_lib.input_keys(model)
-    layout = models.layout(config.model.family, hf_config)
-    steps = resolve_steps(config, data.steps_per_epoch)
-    total = steps["total"]
-
-    dummy = dummy_inputs(model, config)
-    init_fn = jax.jit(lambda rng: model.init(rng, *dummy), out_shardings=rep)
-    rng = jax.random.key(config.seed)
-    params_rng, state_rng = jax.random.split(rng)
-    variable_shapes = jax.eval_shape(init_fn, params_rng)
-    param_shapes = variable_shapes["params"]
-    trainable_rules, lr_rules = methods.rules(config, layout)
-    start_rules = methods.start_rules(config, layout, data.steps_per_epoch)
-    tx, schedule, _ = optim.make_optimizer(config, param_shapes, total, trainable_rules, lr_rules, start_rules)
-    trainable_mask = tree_lib.tree_from_rules(param_shapes, trainable_rules)
-    total_params = tree_lib.count_params(param_shapes)
-    trainable_params = optim.trainable_count(param_shapes, trainable_rules)
-    if is_main:
-        info(f"method {config.method}; parameters by trainable rule:\n"
-             + optim.format_rule_table(param_shapes, trainable_rules))
-
-    def make_state(variables):
-        params = variables["params"]
-        return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                   opt_state=tx.init(params), rng=jax.random.key_data(state_rng),
-                                   model_state={k: v for k, v in variables.items() if k != "params"})
-
-    state_shapes = jax.eval_shape(make_state, variable_shapes)
-    fingerprint = {
-        "family": config.model.family, "num_labels": num_labels, "total_params": total_params,
-        "param_shapes": {k: list(v.shape) for k, v in tree_lib.flatten(param_shapes).items()},
-    }
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir, keep=config.keep_checkpoints, keep_best=config.keep_best, metric=config.metric,
-        mode=config.metric_mode, fingerprint=fingerprint)
-
-    # ---- start: resume > init_from > pretrained > scratch ----------------------
-    extra: dict[str, Any] = {}
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, extra = checkpointer.restore(_abstract(state_shapes, rep), latest)
-        start_from = f"resumed from {workdir} at step {latest}"
-    else:
-        variables = jax.device_get(init_fn(params_rng))
-        if config.init_from:
-            loaded, _ = ckpt_lib.load_export(config.init_from)
-            # Exports hold plain models where the method merges: method parameters the
-            # export lacks start fresh; those it has (adapters, prompts) are loaded.
-            present = tree_lib.flatten(loaded)
-            absent = tuple(p for p in PEFT_PARAMS if not any(tree_lib.any_match(k, (p,)) for k in present))
-            variables["params"] = tree_lib.merge(loaded, variables["params"], dont_load=absent)
-            for collection, value in ckpt_lib.load_export_model_state(config.init_from).items():
-                if collection in variables:
-                    variables[collection] = tree_lib.merge(value, variables[collection])
-            start_from = f"initialised from {config.init_from}"
-        elif model_dir is not None:
-            variables = load_pretrained_variables(config, model_dir, variables, num_labels)
-            start_from = f"pretrained {config.model.pretrained}"
-        else:
-            start_from = "scratch"
-        variables["params"] = methods.post_load(config, variables["params"], tokenizer)
-        variables = jax.device_put(variables, rep)
-        state = jax.jit(make_state, out_shardings=rep)(variables)
+    run = setup(config, workdir)
+    is_main, steps, total, checkpointer = jax.process_index() == 0, run.steps, run.steps["total"], run.checkpointer
+    state, loop, start_from = initial_state(run)
     start = int(state.step)
     if is_main:
-        info(f"start: {start_from}; {total} steps ({data.steps_per_epoch} an epoch) on {mesh.size} "
+        info(f"start: {start_from}; {total} steps ({run.data.steps_per_epoch} an epoch) on {run.mesh.size} "
              f"{jax.devices()[0].platform} device(s)")
-
-    state_sharding = jax.tree.map(lambda _: rep, state_shapes)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, tx, num_labels=num_labels, accum_steps=config.accum_steps,
-                                 trainable=trainable_mask, skip_nonfinite=config.nonfinite == "skip"),
-        mesh, state_sharding)
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), mesh, rep)
-
     writer = MetricWriter(workdir, enabled=is_main)
-    best_value = extra.get("best_value")
-    bad_evals = int(extra.get("bad_evals", 0))
-    train_time = float(extra.get("train_time_s", 0.0))
-    examples_seen = int(extra.get("examples_seen", 0))
-    tokens_seen = int(extra.get("tokens_seen", 0))
-    stopped_early = bool(extra.get("stopped_early", False))
-    skipped_steps = int(extra.get("skipped_steps", 0))
-
-    def extra_now():
-        return {"best_value": best_value, "bad_evals": bad_evals, "train_time_s": train_time,
-                "examples_seen": examples_seen, "tokens_seen": tokens_seen,
-                "stopped_early": stopped_early, "skipped_steps": skipped_steps}
-
-    # ---- the loop ---------------------------------------------------------------
-    # Train time excludes compile (the first step of this process), evals and saves.
-    resumed_train_time = train_time
-    loop_start, side_time, compile_s = time.perf_counter(), 0.0, None
-
-    def train_time_now():
-        return resumed_train_time + time.perf_counter() - loop_start - side_time
-
-    preemption = PreemptionWatch(checkpointer)
+    watch, preemption = Stopwatch(loop.train_time_s), PreemptionWatch(checkpointer)
     bar = ProgressBar(total, start, enabled=is_main and config.progress_bar)
-    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
-    last_saved = latest
-
-    def fetch_pending() -> list[dict]:
-        """Fetches the pending step metrics; stops at the first non-finite one."""
-        nonlocal skipped_steps
-        fetched = jax.device_get([m for _, m in pending])
-        steps_of = [s for s, _ in pending]
-        pending.clear()
-        for s, m in zip(steps_of, fetched):
-            skipped_steps += int(m.get("skipped", 0))
-            bad = [k for k in ("loss", "grad_norm", "accuracy") if k in m and not np.isfinite(m[k])]
-            if bad and config.nonfinite != "skip":
-                kept = (f"the last checkpoint, step {last_saved}, is kept" if last_saved is not None
-                        else "no checkpoint was saved yet")
-                raise NonFiniteError(
-                    f"train {bad[0]} is {float(m[bad[0]])} at step {s}; stopped ({kept}). Lower "
-                    "optimizer.lr or raise schedule.warmup_steps, check the data, or set "
-                    "config.nonfinite=skip to drop such updates")
-        return fetched
+    pending = _Pending(config.nonfinite, loop)
+    pending.last_saved = checkpointer.latest_step()
     window_t, window_ex, window_tok = time.perf_counter(), 0, 0
-    batches = data.train_batches(start_step=start) if start < total and not stopped_early else iter(())
+    batches = run.data.train_batches(start_step=start) if start < total and not loop.stopped_early else iter(())
     try:
         for step in range(start + 1, total + 1):
-            if stopped_early:
+            if loop.stopped_early:
                 break
-            t_step, side_before = time.perf_counter(), side_time
+            t_step, side_before = time.perf_counter(), watch.side_s
             batch = next(batches)
             # tokens of the global batch, padding included (0 for images)
             n_tok = int(batch["attention_mask"].size if "attention_mask" in batch else 0) * jax.process_count()
-            state, metrics = train_step(state, step_lib.shard_batch(batch, mesh))
-            if compile_s is None:
+            state, metrics = run.train_step(state, step_lib.shard_batch(batch, run.mesh))
+            if watch.compile_s is None:
                 jax.block_until_ready(metrics)
-                compile_s = time.perf_counter() - t_step
-                side_time += compile_s
+                watch.compiled(time.perf_counter() - t_step)
             else:
-                examples_seen += config.batch_size
-                tokens_seen += n_tok
-                window_ex += config.batch_size
-                window_tok += n_tok
-            pending.append((step, metrics))
+                loop.examples_seen += config.batch_size
+                loop.tokens_seen += n_tok
+                window_ex, window_tok = window_ex + config.batch_size, window_tok + n_tok
+            pending.items.append((step, metrics))
             preempted = preemption.requested(step)
             if step % steps["log_every"] == 0 or step == total or preempted:
-                fetched = fetch_pending()
-                dt = max(time.perf_counter() - window_t, 1e-9)
-                # skipped (non-finite) steps stay out of the mean
-                kept = [m for m in fetched if not m.get("skipped", 0)] or fetched
-                row = {f"train/{k}": float(np.mean([m[k] for m in kept])) for k in kept[0] if k != "skipped"}
-                if config.nonfinite == "skip":
-                    row["train/skipped"] = float(sum(m["skipped"] for m in fetched))
-                row["lr"] = float(schedule(step - 1))
-                row["examples_per_s"] = window_ex / dt
-                row["tokens_per_s"] = window_tok / dt
+                row = _log_row(pending.fetch(), config, float(run.schedule(step - 1)), window_ex, window_tok,
+                               max(time.perf_counter() - window_t, 1e-9))
                 writer.write(step, row)
                 bar.update(step, loss=row["train/loss"], ex_per_s=row["examples_per_s"])
                 window_t, window_ex, window_tok = time.perf_counter(), 0, 0
             else:
                 bar.update(step)
-
-            t_side = time.perf_counter()
-            if pending and (step % steps["eval_every"] == 0 or step % steps["checkpoint_every"] == 0
-                            or step == total):
-                fetch_pending()  # never evaluate or save params a non-finite step produced
-            if step % steps["eval_every"] == 0 or step == total:
+            evaluating = step % steps["eval_every"] == 0 or step == total
+            saving = step % steps["checkpoint_every"] == 0 or step == total or preempted
+            if pending.items and (evaluating or saving):
+                pending.fetch()  # never evaluate or save params a non-finite step produced
+            if evaluating:
                 jax.block_until_ready(state)
-                t_side = time.perf_counter()
-                dev = evaluate(eval_step, step_lib.variables_of(state.params, state.model_state), data, "dev",
-                               mesh, num_labels, input_keys)
-                writer.write(step, {f"dev/{k}": v for k, v in dev.items()})
-                if config.metric not in dev:
-                    raise UserError(f"config.metric={config.metric!r} is not a dev metric ({', '.join(dev)})")
-                value = dev[config.metric]
-                if _improved(value, best_value, config.metric_mode):
-                    best_value, bad_evals = value, 0
-                else:
-                    bad_evals += 1
-                if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
-                    stopped_early = True
-                    info(f"early stop at step {step}: no dev {config.metric} gain in {bad_evals} evals")
-                side_time += time.perf_counter() - t_side
-                t_side = time.perf_counter()
-                train_time = train_time_now()
-                checkpointer.save_best(step, state, metrics=dev, extra=extra_now())
-            if step % steps["checkpoint_every"] == 0 or step == total or stopped_early or preempted:
+                with watch.aside():
+                    dev = evaluate_and_track(run, state, loop, step, writer)
+                    loop.train_time_s = watch.train_s()
+                    checkpointer.save_best(step, state, metrics=dev, extra=dataclasses.asdict(loop))
+            if saving or loop.stopped_early:
                 jax.block_until_ready(state)
-                side_time += time.perf_counter() - t_side
-                t_side = time.perf_counter()
-                train_time = train_time_now()
-                checkpointer.save(step, state, extra=extra_now(), force=True)
-                last_saved = step
-            side_time += time.perf_counter() - t_side
-            window_t += side_time - side_before  # keep compile, eval and saves out of throughput
+                with watch.aside():
+                    loop.train_time_s = watch.train_s()
+                    checkpointer.save(step, state, extra=dataclasses.asdict(loop), force=True)
+                pending.last_saved = step
+            window_t += watch.side_s - side_before  # keep compile, eval and saves out of throughput
             if preempted:
                 checkpointer.wait()
-                if hasattr(batches, "close"):
-                    batches.close()
-                bar.close()
-                writer.close()
-                checkpointer.close()
                 raise Preempted(f"{preemption.reason} at step {step}: checkpoint saved in "
                                 f"{workdir / 'checkpoints' / str(step)}; run the same command again to "
                                 "continue from it")
@@ -492,66 +521,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             checkpointer.close()
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
+        writer.close()
         raise
     finally:
         preemption.close()
-    train_time = train_time_now()
-    if hasattr(batches, "close"):  # grain worker processes hold shared memory
-        batches.close()
-    bar.close()
+        if hasattr(batches, "close"):  # grain worker processes hold shared memory
+            batches.close()
+        bar.close()
+    loop.train_time_s = watch.train_s()
     checkpointer.wait()
-
-    # ---- final evaluation from the best checkpoint, export, summary ---------------
-    final_step = int(state.step)
-    best = checkpointer.restore_best(_abstract(ckpt_lib.best_tree(state_shapes), rep))
-    best_step = checkpointer.best_step()
-    if best is None:
-        best, best_step = ckpt_lib.best_tree(state), final_step
-    params, model_state = best["params"], best["model_state"]
-    variables = step_lib.variables_of(params, model_state)
-    summary: dict[str, Any] = {
-        "final_step": final_step, "best_step": best_step, "total_params": total_params,
-        "trainable_params": trainable_params, "start": start_from,
-        "dev": evaluate(eval_step, variables, data, "dev", mesh, num_labels, input_keys),
-        "test": (evaluate(eval_step, variables, data, "test", mesh, num_labels, input_keys)
-                 if data.has_split("test") else None),
-        "train_time_s": train_time,
-        "examples_per_s": examples_seen / train_time if train_time else None,
-        "tokens_per_s": tokens_seen / train_time if train_time and tokens_seen else None,
-        "stopped_early": stopped_early, "num_devices": mesh.size, "compile_s": compile_s,
-        "skipped_steps": skipped_steps,
-        "method": config.method,
-        "label_names": list(data.label_names),
-    }
-    if config.export:
-        export_dir = workdir / "export"
-        meta = {"family": config.model.family, "hf_config": hf_config, "num_labels": num_labels,
-                "label_names": list(data.label_names), "pooling": config.model.pooling,
-                "step": best_step}
-        if tokenizer is not None:
-            meta.update(max_length=config.data.max_length, text_keys=list(data.text_keys))
-        else:
-            meta.update(image_size=int(config.data.image_size),
-                        preprocess=dataclasses.asdict(make_preprocess_of(config)))
-        if is_main:
-            export = methods.merged_for_export(config, jax.device_get(params), model.peft)
-            if export is None:  # adapters, prompts, prefixes: the export keeps them
-                export = jax.device_get(params)
-                meta["method"] = config.method
-                meta["peft"] = dataclasses.asdict(model.peft)
-            ckpt_lib.export_params(export_dir, export, meta, model_state=jax.device_get(model_state))
-            if tok_dir is not None:
-                tok_out = export_dir / "tokenizer"
-                tok_out.mkdir(parents=True, exist_ok=True)
-                for name in TOKENIZER_FILES:
-                    if (tok_dir / name).exists():
-                        (tok_dir / name).copy(tok_out / name, overwrite=True)
-        summary["export"] = str(export_dir)
-    writer.write(final_step, {f"final_dev/{k}": v for k, v in summary["dev"].items()})
-    if is_main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    summary = export.finish(run, state, loop, start_from=start_from, compile_s=watch.compile_s, writer=writer)
     writer.close()
     checkpointer.close()
     return summary
-

@@ -19,7 +19,9 @@ import pytest
 
 from ftjax import train
 from ftjax.errors import UserError, one_line
-from tests.train_test import _write_csv, _write_vocab, tiny_config
+from tests.conftest import tiny_config
+from tests.conftest import write_csv as _write_csv
+from tests.conftest import write_vocab as _write_vocab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

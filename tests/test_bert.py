@@ -13,6 +13,7 @@ import pytest
 
 from ftjax import convert, models, tree
 from ftjax.models import bert
+from ftjax.tasks import classification
 from tests.conftest import require_asset
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -40,7 +41,7 @@ def test_tiny_random_matches_pytorch():
 def test_tiny_random_classifier_logits_match_pytorch():
     ref = np.load(FIXTURES / "bert_tiny_random_outputs.npz")
     hf = models.load_hf_config(FIXTURES / "bert_tiny_random")
-    model = models.create_classifier("bert", hf, num_labels=3)
+    model = classification.build_classifier("bert", hf, num_labels=3)
     params = convert.convert_folder(FIXTURES / "bert_tiny_random")
     init = model.init(jax.random.key(0), *(jnp.ones((1, 4), jnp.int32),) * 3)["params"]
     params = tree.merge(params, init)  # the HF classifier head is converted too: nothing excused
@@ -58,7 +59,7 @@ def test_padding_does_not_change_real_tokens():
 
 
 def test_param_paths_dropout_and_bf16():
-    model = models.create_classifier("bert", models.TINY_BERT, num_labels=2, dropout=0.5)
+    model = classification.build_classifier("bert", bert.TINY_BERT, num_labels=2, dropout=0.5)
     x = jnp.ones((2, 8), jnp.int32)
     params = model.init(jax.random.key(0), x, x, x)["params"]
     paths = set(tree.flatten(params))
@@ -73,7 +74,7 @@ def test_param_paths_dropout_and_bf16():
     np.testing.assert_array_equal(a, b)
     c = model.apply({"params": params}, x, x, x, train=True, rngs={"dropout": jax.random.key(1)})
     assert not np.allclose(a, c)
-    half = models.create_classifier("bert", models.TINY_BERT, num_labels=2, dtype="bfloat16")
+    half = classification.build_classifier("bert", bert.TINY_BERT, num_labels=2, dtype="bfloat16")
     out = half.apply({"params": params}, x, x, x)
     assert out.dtype == jnp.float32 and np.allclose(out, a, atol=5e-2)
 

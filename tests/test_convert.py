@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from ftjax import convert, models, tree
 from ftjax.errors import UserError
+from ftjax.tasks import classification
 from tests.conftest import require_asset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def _copy(tmp_path, tensors=None):
 
 
 def _init(num_labels=3):
-    model = models.create_classifier("bert", models.load_hf_config(TINY), num_labels=num_labels)
+    model = classification.build_classifier("bert", models.load_hf_config(TINY), num_labels=num_labels)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), *(jnp.ones((1, 4), jnp.int32),) * 3))["params"]
 
 

@@ -7,13 +7,17 @@ import pytest
 
 from configs import common
 from ftjax import checkpoint as ckpt_lib
-from ftjax import methods, models, optim
+from ftjax import methods, optim
 from ftjax import step as step_lib
 from ftjax import tree as tree_lib
 from ftjax.errors import UserError
+from ftjax.tasks import classification
+from ftjax.models import bert
 
 MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
           "intermediate_size": 1536, "max_position_embeddings": 512, "type_vocab_size": 2}
+
+TASK2 = classification.Classification(2, ["neg", "pos"])
 
 
 def _config(method, **args):
@@ -26,7 +30,7 @@ def _config(method, **args):
 
 
 def _shapes(hf, config, num_labels=2):
-    model = models.create_classifier("bert", hf, num_labels=num_labels, peft=methods.peft(config))
+    model = classification.build_classifier("bert", hf, num_labels=num_labels, peft=methods.peft(config))
     x = jnp.ones((1, 4), jnp.int32)
     return model, jax.eval_shape(lambda: model.init(jax.random.key(0), x, x, x))["params"]
 
@@ -74,7 +78,7 @@ def test_freeze_bottom_k_and_full():
 def test_layerwise_lr_decay_multipliers():
     c = _config("full", layerwise_lr_decay=0.5)
     _, lr_rules = methods.rules(c, 2)
-    _, shapes = _shapes(models.TINY_BERT, c)
+    _, shapes = _shapes(bert.TINY_BERT, c)
     mults = tree_lib.flatten(tree_lib.tree_from_rules(shapes, lr_rules))
     assert mults["head/kernel"] == 1.0 and mults["bert/pooler/kernel"] == 1.0
     assert mults["bert/encoder/layer_1/attention/query/kernel"] == 0.5
@@ -104,18 +108,18 @@ def mesh():
 ])
 def test_frozen_leaves_stay_bitwise_and_hold_no_moments(method, args, mesh, tmp_path):
     c = _config(method, **args)
-    model, _ = _shapes(models.TINY_BERT, c)
+    model, _ = _shapes(bert.TINY_BERT, c)
     b = _batch()
     params = model.init(jax.random.key(0), b["input_ids"], b["attention_mask"], b["token_type_ids"])["params"]
     trainable_rules, lr_rules = methods.rules(c, 2)
-    tx, _, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules)
+    tx, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules)
     mask = tree_lib.tree_from_rules(params, trainable_rules)
     before = {k: np.asarray(v).copy() for k, v in tree_lib.flatten(params).items()}  # params get donated
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 rng=jax.random.key_data(jax.random.key(1)))
     rep = step_lib.replicated(mesh)
     state = jax.device_put(state, rep)
-    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, num_labels=2, trainable=mask), mesh,
+    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, TASK2, trainable=mask), mesh,
                                  jax.tree.map(lambda _: rep, state))
     for s in range(3):
         state, _ = fn(state, step_lib.shard_batch(_batch(seed=s), mesh))
@@ -140,8 +144,8 @@ def test_frozen_leaves_stay_bitwise_and_hold_no_moments(method, args, mesh, tmp_
 
 def test_lora_starts_as_the_base_model_and_merges_exactly():
     c = _config("lora", lora_rank=4, lora_alpha=8.0)
-    lora_model, _ = _shapes(models.TINY_BERT, c)
-    base_model, _ = _shapes(models.TINY_BERT, _config("full"))
+    lora_model, _ = _shapes(bert.TINY_BERT, c)
+    base_model, _ = _shapes(bert.TINY_BERT, _config("full"))
     b = _batch()
     inputs = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
     params = lora_model.init(jax.random.key(0), *inputs)["params"]
@@ -172,8 +176,8 @@ def _inputs():
 @pytest.mark.parametrize("method,args", [("ia3", {}), ("adapter", {"adapter_size": 4}),
                                          ("lora", {"lora_rank": 2})])
 def test_methods_start_as_the_base_model(method, args):
-    model, _ = _shapes(models.TINY_BERT, _config(method, **args))
-    base_model, _ = _shapes(models.TINY_BERT, _config("full"))
+    model, _ = _shapes(bert.TINY_BERT, _config(method, **args))
+    base_model, _ = _shapes(bert.TINY_BERT, _config("full"))
     params = model.init(jax.random.key(0), *_inputs())["params"]
     added = ("lora_", "ia3_", "_adapter/")
     base = tree_lib.unflatten({k: v for k, v in tree_lib.flatten(params).items()
@@ -183,19 +187,19 @@ def test_methods_start_as_the_base_model(method, args):
 
 
 def test_ia3_merges_exactly():
-    model, _ = _shapes(models.TINY_BERT, _config("ia3"))
-    base_model, _ = _shapes(models.TINY_BERT, _config("full"))
+    model, _ = _shapes(bert.TINY_BERT, _config("ia3"))
+    base_model, _ = _shapes(bert.TINY_BERT, _config("full"))
     params = model.init(jax.random.key(0), *_inputs())["params"]
     rs = np.random.RandomState(1)
     tuned = tree_lib.unflatten({k: (1 + 0.3 * rs.normal(size=v.shape)).astype(np.float32) if "ia3_" in k else v
                                 for k, v in tree_lib.flatten(params).items()})
-    np.testing.assert_allclose(base_model.apply({"params": methods.ia3.merge(tuned)}, *_inputs()),
+    np.testing.assert_allclose(base_model.apply({"params": methods.ia3.merge(tuned, model.peft)}, *_inputs()),
                                model.apply({"params": tuned}, *_inputs()), atol=1e-5)
 
 
 def test_prompt_and_prefix_change_the_output_and_keep_shapes():
     for method, args in (("prompt", {"prompt_tokens": 3}), ("prefix", {"prefix_tokens": 3})):
-        model, _ = _shapes(models.TINY_BERT, _config(method, **args))
+        model, _ = _shapes(bert.TINY_BERT, _config(method, **args))
         params = model.init(jax.random.key(0), *_inputs())["params"]
         out = model.apply({"params": params}, *_inputs())
         assert out.shape == (8, 2)
@@ -203,7 +207,7 @@ def test_prompt_and_prefix_change_the_output_and_keep_shapes():
 
 def test_prompt_starts_from_vocabulary_embeddings():
     c = _config("prompt", prompt_tokens=4)
-    model, _ = _shapes(models.TINY_BERT, c)
+    model, _ = _shapes(bert.TINY_BERT, c)
     params = model.init(jax.random.key(0), *_inputs())["params"]
     out = methods.post_load(c, jax.device_get(params), tokenizer=None)
     words = np.asarray(out["bert"]["embeddings"]["word_embeddings"]["embedding"])
@@ -213,17 +217,17 @@ def test_prompt_starts_from_vocabulary_embeddings():
 
 def test_gradual_unfreezing_releases_one_group_at_a_time(mesh):
     c = _config("gradual_unfreezing", unfreeze_every_steps=2)
-    model, _ = _shapes(models.TINY_BERT, c)
+    model, _ = _shapes(bert.TINY_BERT, c)
     params = model.init(jax.random.key(0), *_inputs())["params"]
     before = {k: np.asarray(v).copy() for k, v in tree_lib.flatten(params).items()}
     trainable_rules, lr_rules = methods.rules(c, 2)
     starts = methods.start_rules(c, 2, steps_per_epoch=10)
-    tx, _, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules, starts)
+    tx, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules, starts)
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 rng=jax.random.key_data(jax.random.key(1)))
     rep = step_lib.replicated(mesh)
     state = jax.device_put(state, rep)
-    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, num_labels=2), mesh,
+    fn = step_lib.jit_train_step(step_lib.make_train_step(model, tx, TASK2), mesh,
                                  jax.tree.map(lambda _: rep, state))
 
     def moved(prefix):

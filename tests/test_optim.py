@@ -31,7 +31,7 @@ def _config(**opt):
 
 
 def _run(config, params, grads, steps=3):
-    tx, _, _ = optim.make_optimizer(config, params, total_steps=10)
+    tx, _ = optim.make_optimizer(config, params, total_steps=10)
     state = tx.init(params)
     for _ in range(steps):
         updates, state = tx.update(grads, state, params)

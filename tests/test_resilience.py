@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.train_test import _write_csv, _write_vocab
+from tests.conftest import write_csv as _write_csv
+from tests.conftest import write_vocab as _write_vocab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 12

@@ -4,17 +4,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import common
 from ftjax import optim
 from ftjax import step as step_lib
+from ftjax.tasks import classification, regression
+
+TASK = classification.Classification(3, ["a", "b", "c"])
 
 
 class ToyClassifier(nn.Module):
     """Same call signature as the real classifiers; cheap to compile."""
 
     dropout: float = 0.0
+    input_keys = ("input_ids", "attention_mask", "token_type_ids")
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train=False):
@@ -43,13 +46,13 @@ def _losses(devices, accum_steps=1, dropout=0.0, steps=4):
                         dummy["token_type_ids"])["params"]
     c = common.base_config()
     c.optimizer.lr = 1e-2
-    tx, _, _ = optim.make_optimizer(c, params, total_steps=steps)
+    tx, _ = optim.make_optimizer(c, params, total_steps=steps)
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 rng=jax.random.key_data(jax.random.key(1)))
     state = jax.device_put(state, rep)
     shardings = jax.tree.map(lambda _: rep, state)
     train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, tx, num_labels=3, accum_steps=accum_steps), mesh, shardings)
+        step_lib.make_train_step(model, tx, TASK, accum_steps=accum_steps), mesh, shardings)
     losses = []
     for b in _batches(steps):
         state, m = train_step(state, step_lib.shard_batch(b, mesh))
@@ -86,21 +89,20 @@ def test_eval_step_returns_sharded_logits_for_every_row():
     mesh = step_lib.make_mesh()
     b = next(_batches(1))
     params = model.init(jax.random.key(0), b["input_ids"], b["attention_mask"], b["token_type_ids"])["params"]
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model), mesh, step_lib.replicated(mesh))
-    inputs = {k: b[k] for k in step_lib.INPUT_KEYS}
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, TASK), mesh, step_lib.replicated(mesh))
+    inputs = {k: b[k] for k in model.input_keys}
     logits = step_lib.to_host(eval_step({"params": params}, step_lib.shard_batch(inputs, mesh)))
     expected = model.apply({"params": params}, b["input_ids"], b["attention_mask"], b["token_type_ids"])
     assert logits.shape == (16, 3)
     np.testing.assert_allclose(logits, np.asarray(expected), atol=1e-5)
 
 
-@pytest.mark.parametrize("num_labels", [1, 3])
-def test_loss_kinds(num_labels):
-    logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])[:, :num_labels]
-    labels = jnp.array([0, 2]) if num_labels == 3 else jnp.array([1.5, -1.0])
-    loss, correct = step_lib.loss_and_correct(logits, labels, num_labels)
-    if num_labels == 1:
-        np.testing.assert_allclose(loss, [0.25, 1.0])
-    else:
-        np.testing.assert_allclose(correct, [1.0, 1.0])
-        np.testing.assert_allclose(loss[0], -jax.nn.log_softmax(logits[0])[0], rtol=1e-6)
+def test_task_losses():
+    logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    loss, metrics = TASK.loss(logits, {"label": jnp.array([0, 1])})
+    expected = -(jax.nn.log_softmax(logits[0])[0] + jax.nn.log_softmax(logits[1])[1]) / 2
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["accuracy"], 0.5)
+    loss, metrics = regression.Regression().loss(logits[:, :1], {"label": jnp.array([1.5, -1.0])})
+    np.testing.assert_allclose(loss, (0.25 + 1.0) / 2)
+    assert metrics == {}

@@ -11,65 +11,19 @@ import time
 import numpy as np
 import pytest
 
-from configs import common
 from ftjax import train
 from ftjax.errors import UserError
+from tests.conftest import tiny_config, write_csv, write_vocab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORDS = ("good great fine superb lovely fun bad awful dull boring poor sad the a movie film "
-         "was is very not plot acting").split()
-POS, NEG = WORDS[:6], WORDS[6:12]
-
-
-def _write_vocab(folder: pathlib.Path) -> pathlib.Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    (folder / "vocab.txt").write_text("\n".join(specials + WORDS) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
-    return folder
-
-
-def _write_csv(path: pathlib.Path, n: int, seed: int) -> pathlib.Path:
-    rs = np.random.RandomState(seed)
-    lines = ["text,label"]
-    for _ in range(n):
-        label = int(rs.randint(2))
-        words = rs.choice(POS if label else NEG, size=rs.randint(1, 4)).tolist()
-        filler = rs.choice(WORDS[12:], size=rs.randint(1, 6)).tolist()
-        lines.append(f"{' '.join(filler[:2] + words + filler[2:])},{'pos' if label else 'neg'}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    return {"vocab": _write_vocab(d / "tok"), "train": _write_csv(d / "train.csv", 96, 0),
-            "dev": _write_csv(d / "dev.csv", 37, 1), "test": _write_csv(d / "test.csv", 21, 2),
+    return {"vocab": write_vocab(d / "tok"), "train": write_csv(d / "train.csv", 96, 0),
+            "dev": write_csv(d / "dev.csv", 37, 1), "test": write_csv(d / "test.csv", 21, 2),
             "data_dir": d / "tfds"}
-
-
-def tiny_config(files, **overrides):
-    c = common.base_config()
-    c.model.variant = "tiny"
-    c.model.tokenizer = str(files["vocab"])
-    c.data.name = "local_text"
-    c.data.data_dir = str(files["data_dir"])
-    c.data.files.train, c.data.files.dev = str(files["train"]), str(files["dev"])
-    c.data.files.test = str(files["test"])
-    c.data.max_length = 16
-    c.data.bucket_lengths = (8, 16)
-    c.batch_size = 16
-    c.eval_batch_size = 16
-    c.total_steps = 6
-    c.eval_every_steps = 3
-    c.checkpoint_every_steps = 3
-    c.log_every_steps = 1
-    c.optimizer.lr = 1e-3
-    c.progress_bar = False
-    c.update_from_flattened_dict(overrides)
-    return c.lock()
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,12 @@ from ftjax import step as step_lib
 from ftjax import train
 from ftjax import tree as tree_lib
 from ftjax.errors import UserError
+from ftjax.tasks import classification
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")
+
+TASK3 = classification.Classification(3, list("abc"))
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +81,20 @@ CASES = ([("vit", m, a) for m, a in VIT_METHODS] + [("resnet", m, a) for m, a in
                          ids=[f"{f}-{m}{'-' + '-'.join(a) if a else ''}" for f, m, a in CASES])
 def test_three_steps_train_exactly_what_the_method_says(family, method, args, folder, tmp_path):
     config = _config(folder, tmp_path, family, method, **args)
-    model, hf, _ = train.build_model(config, num_labels=3)
+    model, hf, _ = train.build_model(config, TASK3)
     layout = models.layout(family, hf)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     params, model_state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     trainable_rules, lr_rules = methods.rules(config, layout)
     starts = methods.start_rules(config, layout, steps_per_epoch=10)
-    tx, _, _ = optim.make_optimizer(config, params, 10, trainable_rules, lr_rules, starts)
+    tx, _ = optim.make_optimizer(config, params, 10, trainable_rules, lr_rules, starts)
     trainable = tree_lib.tree_from_rules(params, trainable_rules)
     if starts:  # gradual unfreezing: only what has started by step 2 moves
         start_of = tree_lib.tree_from_rules(params, starts)
         trainable = jax.tree.map(lambda t, s: t and s < 3, trainable, start_of)
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                 rng=jax.random.key_data(jax.random.key(1)), model_state=model_state)
-    step = jax.jit(step_lib.make_train_step(model, tx, num_labels=3, trainable=trainable))
+    step = jax.jit(step_lib.make_train_step(model, tx, TASK3, trainable=trainable))
     rs = np.random.RandomState(0)
     batch = {"image": jnp.asarray(rs.normal(size=(8, 32, 32, 3)), jnp.float32),
              "label": jnp.asarray(rs.randint(0, 3, 8), jnp.int32)}
@@ -121,7 +124,7 @@ def test_three_steps_train_exactly_what_the_method_says(family, method, args, fo
 
 def test_methods_without_attention_are_refused_on_cnns(folder, tmp_path):
     with pytest.raises(UserError, match="no attention blocks"):
-        train.build_model(_config(folder, tmp_path, "resnet", "lora"), num_labels=3)
+        train.build_model(_config(folder, tmp_path, "resnet", "lora"), TASK3)
 
 
 @pytest.mark.parametrize("family,method,args", [
@@ -145,7 +148,7 @@ def test_train_evaluate_export_and_resume(family, method, args, folder, tmp_path
     if method == "lora":  # merged: a plain ViT
         assert not any("lora" in k for k in tree_lib.flatten(params))
     # the export gives the summary's dev accuracy again
-    model = models.create_classifier(family, meta["hf_config"], num_labels=3, image_size=32)
+    model = classification.build_classifier(family, meta["model_config"], num_labels=3, image_size=32)
     again = train.train_and_evaluate(config, str(workdir))  # a finished run: resumes at its end
     assert again["final_step"] == 4 and again["dev"] == summary["dev"]
     from ftjax.data import images

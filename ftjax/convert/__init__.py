@@ -20,9 +20,7 @@ from ftjax import tree as tree_lib
 from ftjax.convert.safetensors_io import ConvertError, read_safetensors_folder
 
 __all__ = ["ConvertError", "convert_folder", "convert_variables", "load_pretrained", "load_pretrained_variables"]
-_MAPS = {"bert": "ftjax.convert.bert", "vit": "ftjax.convert.vit", "resnet": "ftjax.convert.resnet",
-         "efficientnet": "ftjax.convert.efficientnet"}
-_CACHE_VERSION = "2"
+_CACHE_VERSION = "2"  # bump when a converter's output changes
 
 
 def read_weights(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -46,16 +44,15 @@ def read_weights(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def convert_variables(model_dir: str | pathlib.Path, family: str = "bert") -> dict[str, Any]:
-    """Converts a folder's weights into nested variables {"params": ..., ["batch_stats": ...]}."""
-    import importlib
+    """Converts a folder's weights into nested variables {"params": ..., ["batch_stats": ...]}.
 
-    if family not in _MAPS:
-        raise ConvertError(f"no converter for model family {family!r}; known: {', '.join(_MAPS)}")
-    flat = importlib.import_module(_MAPS[family]).convert(read_weights(model_dir))
+    The family's converter (FamilySpec.converter) maps the tensor names.
+    """
+    from ftjax import models
+
+    flat = models.family(family).converter_module().convert(read_weights(model_dir))
     if not flat:
         raise ConvertError(f"{model_dir} holds no {family} weights")
-    if family == "bert":  # the text map names params only
-        flat = {f"params/{k}": v for k, v in flat.items()}
     return tree_lib.unflatten(flat)
 
 

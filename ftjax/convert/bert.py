@@ -55,14 +55,14 @@ def _target(name: str) -> tuple[str, bool] | None:
 
 
 def convert(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Returns {"bert/...": array, maybe "head/...": array} flat paths from HF tensors."""
+    """Returns {"params/bert/...": array, maybe "params/head/...": array} flat paths from HF tensors."""
     out: dict[str, np.ndarray] = {}
     for name, arr in tensors.items():
         target = _target(name)
         if target is None:
             continue
         path, transpose = target
-        out[path] = np.ascontiguousarray(arr.T) if transpose else arr
+        out["params/" + path] = np.ascontiguousarray(arr.T) if transpose else arr
     return out
 
 

@@ -26,12 +26,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from ftjax.data import tfds_sources
-from ftjax.data.pipeline import SplitData, epoch_order
+from ftjax.data.pipeline import SplitData
 from ftjax.errors import UserError
 
 Batch = dict[str, np.ndarray]
-_FOREVER = 1 << 62  # the train stream's length: epochs repeat without end
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 units
 IMAGENET_STD = (58.395, 57.12, 57.375)
 RESIZE = ("resize", "resize_crop")
@@ -255,6 +253,7 @@ class _Batcher:
         self.num_labels, self.preprocess, self.train = data.num_labels, data._preprocess, train
         self.seed = data._seed
         self.process_index, self.process_count = data._process_index, data._process_count
+        self.wants_lengths = False  # every image is one input: no padding to agree on
 
     def _image(self, index: int, record: dict, step: int | None, row: int) -> np.ndarray:
         try:
@@ -270,7 +269,9 @@ class _Batcher:
             raise UserError(f"split {self.split!r}: example {index}{where} cannot be read as an "
                             f"image ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
 
-    def __call__(self, indices: np.ndarray, mask: np.ndarray | None, step: int | None) -> Batch:
+    def __call__(self, indices: np.ndarray, mask: np.ndarray | None, *, step: int | None = None,
+                 lengths: np.ndarray | None = None) -> Batch:
+        del lengths
         b = len(indices) // self.process_count
         lo = self.process_index * b
         s = self.preprocess.image_size
@@ -294,39 +295,6 @@ class _Batcher:
         return batch
 
 
-class _TrainStep:
-    """Global step -> this process's slice of that step's batch."""
-
-    def __init__(self, batcher: _Batcher, n: int, batch_size: int, steps_per_epoch: int, seed: int,
-                 window: int):
-        self.batcher, self.n, self.batch_size = batcher, n, batch_size
-        self.steps_per_epoch, self.seed, self.window = steps_per_epoch, seed, window
-        # Read threads may race on this cache; both compute the same order, so no lock.
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def __call__(self, step: int) -> Batch:
-        epoch, i = divmod(int(step), self.steps_per_epoch)
-        cached = self._order
-        if cached is None or cached[0] != epoch:
-            cached = self._order = (epoch, epoch_order(self.n, self.seed, epoch, self.window))
-        return self.batcher(cached[1][i * self.batch_size:(i + 1) * self.batch_size], None, int(step))
-
-
-class _EvalStep:
-    """Eval batch index -> this process's slice; the last batch is padded with mask 0."""
-
-    def __init__(self, batcher: _Batcher, n: int, batch_size: int):
-        self.batcher, self.n, self.batch_size = batcher, n, batch_size
-
-    def __call__(self, i: int) -> Batch:
-        indices = np.arange(i * self.batch_size, min((i + 1) * self.batch_size, self.n))
-        mask = np.zeros(self.batch_size, np.float32)
-        mask[:indices.size] = 1
-        # Padding rows repeat example 0: a real image keeps activations finite.
-        indices = np.concatenate([indices, np.zeros(self.batch_size - indices.size, np.int64)])
-        return self.batcher(indices, mask, None)
-
-
 class ImageData(SplitData):
     """Train and eval batches of an image classification dataset.
 
@@ -341,6 +309,9 @@ class ImageData(SplitData):
     def __init__(self, config, preprocess: ImagePreprocess, process_index: int = 0,
                  process_count: int = 1):
         """Prepares the dataset if needed and opens its splits.
+
+        Batches: image (float32 [b, S, S, 3]) and label (int32 [b]), b = batch_size //
+        process_count.
 
         Args:
           config: the experiment config (config.data, seed, batch_size, eval_batch_size).
@@ -375,33 +346,9 @@ class ImageData(SplitData):
         read = grain.ReadOptions(num_threads=self._num_threads, prefetch_buffer_size=2 * self._num_threads + 2)
         return self._iterate_with(ds, read, num_workers)
 
-    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
-        """Endless train batches over epochs, starting at global step `start_step`.
+    def _batcher(self, role: str, train: bool) -> _Batcher:
+        return _Batcher(self, role, train=train)
 
-        Args:
-          start_step: the number of batches already consumed (a checkpoint's step).
-
-        Returns:
-          An iterator of host-local batches: image (float32 [b, S, S, 3]) and label
-          (int32 [b]), b = batch_size // process_count. With data.num_workers > 0 it
-          runs grain worker processes: call its `close()` when done.
-        """
-        fn = _TrainStep(_Batcher(self, "train", train=True), self._sizes["train"], self._batch_size,
-                        self.steps_per_epoch, self._seed, self._window)
-        return self._iterate(grain.MapDataset.range(int(start_step), _FOREVER).map(fn),
-                             self._num_workers)
-
-    def eval_batches(self, split: str) -> Iterator[Batch]:
-        """One pass over role `split` ("dev" or "test"), every example exactly once.
-
-        Args:
-          split: the role.
-
-        Returns:
-          An iterator of host-local batches like train's plus `mask` (float32 [b]: 1
-          for real examples, 0 for the padding rows of the last batch).
-        """
-        fn = _EvalStep(_Batcher(self, split, train=False), self.num_examples(split),
-                       self._eval_batch_size)
-        # In-process always: starting worker processes for each pass costs ~2 s.
-        return self._iterate(grain.MapDataset.range(self.num_eval_batches(split)).map(fn), 0)
+    def export_meta(self) -> dict[str, Any]:
+        """What an export needs to preprocess raw images the way this run evaluated."""
+        return {"image_size": int(self.image_size), "preprocess": dataclasses.asdict(self._preprocess)}

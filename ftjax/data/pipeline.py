@@ -88,6 +88,25 @@ def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, gro
     return np.concatenate([batches[rng.permutation(len(batches))].reshape(-1), order[full:]])
 
 
+def pad_encoded(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], length: int, pad_id: int,
+                rows: int | None = None) -> dict[str, np.ndarray]:
+    """Tokenizer output [(ids, type ids)] -> padded int32 input_ids, attention_mask, token_type_ids.
+
+    Args:
+      encoded: per row, the token ids and the token type ids (same length).
+      length: the padded length (>= every row's).
+      pad_id: the tokenizer's padding id.
+      rows: the batch rows (default: len(encoded)); rows beyond `encoded` are all padding.
+    """
+    rows = len(encoded) if rows is None else rows
+    ids = np.full((rows, length), pad_id, np.int32)
+    types = np.zeros((rows, length), np.int32)
+    attention = np.zeros((rows, length), np.int32)
+    for row, (tok, typ) in enumerate(encoded):
+        ids[row, :len(tok)], types[row, :len(typ)], attention[row, :len(tok)] = tok, typ, 1
+    return {"input_ids": ids, "attention_mask": attention, "token_type_ids": types}
+
+
 def _to_str(value: Any) -> str:
     if isinstance(value, (bytes, np.bytes_)):
         return value.decode("utf-8")
@@ -111,6 +130,8 @@ class _Batcher:
         self.buckets = data._buckets
         self.process_index = data._process_index
         self.process_count = data._process_count
+        # Several processes pad to the bucket of the whole global batch: they need every length.
+        self.wants_lengths = self.process_count > 1
 
     def lengths(self, n: int) -> np.ndarray:
         """Token lengths of examples 0..n-1 (for grouping batches by length)."""
@@ -123,13 +144,14 @@ class _Batcher:
             out[start:start + len(records)] = [len(ids) for ids, _ in encoded]
         return out
 
-    def __call__(self, indices: np.ndarray, mask: np.ndarray | None,
+    def __call__(self, indices: np.ndarray, mask: np.ndarray | None, *, step: int | None = None,
                  lengths: np.ndarray | None = None) -> Batch:
         """This process's rows of the global batch `indices`.
 
         Args:
           indices: the global batch's example indices (every process passes the same).
           mask: eval row mask of the global batch, or None for train.
+          step: the global train step (unused: text needs no per-step randomness).
           lengths: token lengths of all examples. With it, a process reads and
             tokenizes only its own rows and still pads like every other process;
             without it (one process) the rows themselves decide the length.
@@ -157,27 +179,23 @@ class _Batcher:
                 raise UserError(f"split {self.split!r}: example {mine[k]} has label {labels[k]}, "
                                 f"outside [0, {self.num_labels}); check data.label_key and the "
                                 "split's labels (e.g. GLUE test labels are hidden as -1)")
-        ids = np.full((b, length), self.tokenizer.pad_id, np.int32)
-        types = np.zeros((b, length), np.int32)
-        attention = np.zeros((b, length), np.int32)
-        for row, (tok, typ) in enumerate(encoded):
-            ids[row, :len(tok)], types[row, :len(typ)], attention[row, :len(tok)] = tok, typ, 1
-        batch = {"input_ids": ids, "attention_mask": attention, "token_type_ids": types,
+        batch = {**pad_encoded(encoded, length, self.tokenizer.pad_id, rows=b),
                  "label": labels.astype(np.float32 if self.regression else np.int32)}
         if mask is not None:
             batch["mask"] = mask[lo:hi].astype(np.float32)
         return batch
 
 
-class _TrainStep:
-    """Global step -> this process's slice of that step's batch."""
+class _TrainBatchAt:
+    """Global step -> this process's slice of that step's batch (any batcher)."""
 
-    def __init__(self, batcher: _Batcher, n: int, batch_size: int, steps_per_epoch: int,
+    def __init__(self, batcher, n: int, batch_size: int, steps_per_epoch: int,
                  seed: int, window: int, group: int = 0):
         self.batcher, self.n, self.batch_size = batcher, n, batch_size
         self.steps_per_epoch, self.seed, self.window = steps_per_epoch, seed, window
         self.group = group
         self._lengths: np.ndarray | None = None
+        # Read threads may race on this cache; both compute the same order, so no lock.
         self._order: tuple[int, np.ndarray] | None = None
 
     def lengths(self) -> np.ndarray:
@@ -199,17 +217,18 @@ class _TrainStep:
         cached = self._order
         if cached is None or cached[0] != epoch:
             cached = self._order = (epoch, self.order(epoch))
-        lengths = self.lengths() if self.batcher.process_count > 1 else None
-        return self.batcher(cached[1][i * self.batch_size:(i + 1) * self.batch_size], None, lengths)
+        lengths = self.lengths() if self.batcher.wants_lengths else None
+        return self.batcher(cached[1][i * self.batch_size:(i + 1) * self.batch_size], None, step=int(step),
+                            lengths=lengths)
 
 
-class _EvalStep:
+class _EvalBatchAt:
     """Eval batch index -> this process's slice; the last batch is padded with mask 0."""
 
-    def __init__(self, batcher: _Batcher, n: int, batch_size: int, by_length: bool = False):
+    def __init__(self, batcher, n: int, batch_size: int, by_length: bool = False):
         self.batcher, self.n, self.batch_size = batcher, n, batch_size
         # Metrics do not depend on order: sorting by length only removes padding.
-        needs_lengths = by_length or batcher.process_count > 1
+        needs_lengths = by_length or batcher.wants_lengths
         self.lengths = batcher.lengths(n) if needs_lengths else None
         self.order = np.argsort(self.lengths, kind="stable") if by_length else np.arange(n)
 
@@ -219,16 +238,28 @@ class _EvalStep:
         mask[:indices.size] = 1
         # Dummy rows repeat example 0: a real input keeps pooling and losses finite.
         indices = np.concatenate([indices, np.zeros(self.batch_size - indices.size, np.int64)])
-        return self.batcher(indices, mask, self.lengths)
+        return self.batcher(indices, mask, lengths=self.lengths)
 
 
 class SplitData:
-    """What TextData and ImageData share: process checks, split sizes, grain iteration.
+    """What TextData and ImageData share: process checks, split sizes, batching, grain iteration.
 
-    Subclasses call `_open(config, process_index, process_count)` first and `_count(config)`
-    once their own checks pass; these set `_sources`, the batch sizes, the process
-    slice, `label_names`, `_sizes` and `steps_per_epoch`.
+    Every batch is a pure function of (seed, step) or (split, eval batch index). Subclasses
+    call `_open(config, process_index, process_count)` first and `_count(config)` once their
+    own checks pass; these set `_sources`, the batch sizes, the process slice,
+    `label_names`, `regression`, `_sizes` and `steps_per_epoch`. They provide
+    `_batcher(role, train)` (global batch indices -> this process's rows; attributes
+    `wants_lengths`, and `lengths(n)` where it groups by length), `_iterate(ds, workers)`
+    and `export_meta()`.
+
+    Attributes:
+      tokenizer: the text tokenizer (None for other inputs).
+      tokenizer_dir: the folder its files came from (copied into exports), or None.
     """
+
+    tokenizer = None
+    tokenizer_dir = None
+    _group = 0  # > 0: train batches grouped by length in chunks of this many batches
 
     def _open(self, config, process_index: int, process_count: int) -> None:
         d = config.data
@@ -244,6 +275,7 @@ class SplitData:
         self._batch_size, self._eval_batch_size = config.batch_size, config.eval_batch_size
         self._num_workers = int(d.num_workers)
         self.label_names: list[str] = list(self._sources.label_names)
+        self.regression: bool = bool(self._sources.regression)
 
     def _count(self, config) -> None:
         """Split sizes after data.train_limit / eval_limit, and steps_per_epoch."""
@@ -273,6 +305,37 @@ class SplitData:
         """Global eval batches in one pass over role `split`."""
         return -(-self.num_examples(split) // self._eval_batch_size)
 
+    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """Endless train batches over epochs, starting at global step `start_step`.
+
+        Args:
+          start_step: the number of batches already consumed (a checkpoint's step).
+
+        Returns:
+          An iterator of host-local batches of batch_size // process_count rows (the
+          subclass documents the keys). With data.num_workers > 0 it runs grain worker
+          processes: call its `close()` when done.
+        """
+        fn = _TrainBatchAt(self._batcher("train", train=True), self._sizes["train"], self._batch_size,
+                        self.steps_per_epoch, self._seed, self._window, self._group)
+        return self._iterate(grain.MapDataset.range(int(start_step), _FOREVER).map(fn), self._num_workers)
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """One pass over role `split` ("dev" or "test"), every example exactly once.
+
+        Args:
+          split: the role.
+
+        Returns:
+          An iterator of host-local batches like train's plus `mask` (float32 [b]: 1
+          for real examples, 0 for the padding rows of the last batch).
+        """
+        fn = _EvalBatchAt(self._batcher(split, train=False), self.num_examples(split), self._eval_batch_size,
+                       by_length=self._group > 0)
+        # In-process always: an eval pass is short, and starting worker processes for
+        # each one would cost more (~2 s) than it saves.
+        return self._iterate(grain.MapDataset.range(self.num_eval_batches(split)).map(fn), 0)
+
     @staticmethod
     def _iterate_with(ds: grain.MapDataset, read: grain.ReadOptions, num_workers: int) -> Iterator[Batch]:
         if num_workers > 0:
@@ -298,14 +361,18 @@ class TextData(SplitData):
     """
 
     def __init__(self, config, tokenizer: TextTokenizer, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, tokenizer_dir=None):
         """Prepares the dataset if needed and opens its splits.
+
+        Batches: input_ids, attention_mask, token_type_ids (int32 [b, L]) and label
+        (int32 [b], float32 for regression), b = batch_size // process_count.
 
         Args:
           config: the experiment config (config.data, seed, batch_size, eval_batch_size).
           tokenizer: from `ftjax.data.tokenizer.load_tokenizer`.
           process_index: this process (jax.process_index()).
           process_count: all processes (jax.process_count()).
+          tokenizer_dir: the tokenizer's folder (its files are copied into exports).
         """
         d = config.data
         self._open(config, process_index, process_count)
@@ -313,7 +380,8 @@ class TextData(SplitData):
             if role not in self._sources.splits:
                 raise UserError(f"dataset {d.name} has no {role} split: set "
                                 + ("data.files." + role if d.name == "local_text" else f"data.{role}_split"))
-        self._tokenizer = tokenizer
+        self._tokenizer = self.tokenizer = tokenizer
+        self.tokenizer_dir = tokenizer_dir
         self._max_length = int(d.max_length)
         self._buckets = bucket_lengths(d.bucket_lengths, self._max_length)
         self._group = int(d.group_by_length)
@@ -327,35 +395,10 @@ class TextData(SplitData):
         read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 if num_workers > 0 else 4)
         return self._iterate_with(ds, read, num_workers)
 
-    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
-        """Endless train batches over epochs, starting at global step `start_step`.
+    def _batcher(self, role: str, train: bool) -> _Batcher:
+        del train  # text batches do not depend on the mode
+        return _Batcher(self, role)
 
-        Args:
-          start_step: the number of batches already consumed (a checkpoint's step).
-
-        Returns:
-          An iterator of host-local batches: input_ids, attention_mask, token_type_ids
-          (int32 [b, L]) and label (int32 [b], float32 for regression), with
-          b = batch_size // process_count. With data.num_workers > 0 it runs grain
-          worker processes: call its `close()` when done.
-        """
-        fn = _TrainStep(_Batcher(self, "train"), self._sizes["train"], self._batch_size,
-                        self.steps_per_epoch, self._seed, self._window, self._group)
-        return self._iterate(grain.MapDataset.range(int(start_step), _FOREVER).map(fn),
-                             self._num_workers)
-
-    def eval_batches(self, split: str) -> Iterator[Batch]:
-        """One pass over role `split` ("dev" or "test"), every example exactly once.
-
-        Args:
-          split: the role.
-
-        Returns:
-          An iterator of host-local batches like train's plus `mask` (float32 [b]: 1
-          for real examples, 0 for the padding rows of the last batch).
-        """
-        n = self.num_examples(split)
-        fn = _EvalStep(_Batcher(self, split), n, self._eval_batch_size, by_length=self._group > 0)
-        # In-process always: an eval pass is short, and starting worker processes for
-        # each one would cost more (~2 s) than it saves.
-        return self._iterate(grain.MapDataset.range(self.num_eval_batches(split)).map(fn), 0)
+    def export_meta(self) -> dict[str, Any]:
+        """What an export needs to read raw texts the way this run did."""
+        return {"max_length": self._max_length, "text_keys": list(self.text_keys)}

@@ -2,11 +2,16 @@
 
 A method is one module here with
   trainable_rules(method_args, layout) -> [(regex, bool)]: what trains, in order;
+and, where it has them,
   peft(method_args) -> models.layers.Peft: what it adds to the model (LoRA, ...);
-and optionally
+  ADDS: regexes of the parameters it adds (pretrained weights and plain exports lack
+    them, so they keep their init there);
+  NEEDS: encoder features it builds on, checked against the family's
+    `FamilySpec.provides` (LoRA, IA3, adapters, prompts, prefixes need "attention");
   post_load(params, method_args, tokenizer, seed) -> params: initialisation that needs
     the pretrained weights (prompt tuning's vocabulary init);
-  merge(params[, peft]) -> params: fold the additions into a plain model (LoRA, IA3);
+  merge(params, peft) -> params: fold the additions into a plain model (LoRA, IA3); a
+    method that adds parameters and has no merge is exported with them;
   start_rules(method_args, layout, steps_per_epoch) -> [(regex, step)]: the step
     from which params train (gradual unfreezing).
 It never touches the trainer. `config.method_args.layerwise_lr_decay` combines with any
@@ -72,7 +77,24 @@ def rules(config, layout: Layout | int) -> tuple[list, list]:
 
 
 def peft(config) -> Peft:
-    return get(config.method).peft(config.method_args)
+    """The model-side additions of the config's method (none: a plain Peft())."""
+    method = get(config.method)
+    return method.peft(config.method_args) if hasattr(method, "peft") else Peft()
+
+
+def added_params() -> tuple[str, ...]:
+    """Regexes of every parameter any method adds (what pretrained weights never hold)."""
+    return tuple(p for m in METHODS.values() for p in getattr(m, "ADDS", ()))
+
+
+def check_family(config, family) -> None:
+    """One clear line when the method needs an encoder feature the family lacks."""
+    missing = [n for n in getattr(get(config.method), "NEEDS", ()) if n not in family.provides]
+    if missing:
+        fits = [name for name, m in METHODS.items() if not set(getattr(m, "NEEDS", ())) - set(family.provides)]
+        raise UserError(f"method={config.method} needs {' and '.join(missing)} blocks, and the {family.name} "
+                        f"encoder has no {' or '.join(missing)} blocks; use one of {', '.join(fits)} "
+                        "(layerwise_lr_decay combines with any)")
 
 
 def post_load(config, params, tokenizer):
@@ -84,12 +106,11 @@ def post_load(config, params, tokenizer):
 
 
 def merged_for_export(config, params, peft_spec: Peft):
-    """Plain-model params for export, or None when the method cannot be merged."""
-    if config.method == "lora":
-        return lora.merge(params, peft_spec)
-    if config.method == "ia3":
-        return ia3.merge(params)
-    if peft_spec.adapter or peft_spec.prompt_tokens or peft_spec.prefix_tokens:
+    """Plain-model params for export, or None when the method adds parameters it cannot merge."""
+    method = get(config.method)
+    if hasattr(method, "merge"):
+        return method.merge(params, peft_spec)
+    if getattr(method, "ADDS", ()):
         return None
     return params
 

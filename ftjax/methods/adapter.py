@@ -9,12 +9,17 @@ so they cannot be merged into a plain BERT.
 
 from ftjax.errors import UserError
 from ftjax.models.layers import Peft
+from ftjax.methods.common import head_and
 from ftjax.models.layout import Layout
+
+
+ADDS = (r".*_adapter/.*",)  # parameters this method adds (pretrained weights lack them)
+NEEDS = ("attention",)  # encoder features it builds on (FamilySpec.provides)
 
 
 def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
     del args
-    return [(r"head/.*", True), (r".*_adapter/.*", True), (layout.norms, True), (r".*", False)]
+    return head_and(*ADDS, layout.norms)
 
 
 def peft(args) -> Peft:

@@ -1,7 +1,6 @@
 """Partial fine-tuning: freeze parameters by regex and/or the embeddings + bottom k layers."""
 
 from ftjax.errors import UserError
-from ftjax.models.layers import Peft
 from ftjax.models.layout import Layout
 
 
@@ -16,8 +15,3 @@ def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
         # the stem (embeddings) and the k lowest blocks
         rules += [(pattern, False) for pattern in layout.groups[:k + 1]]
     return rules + [(r".*", True)]
-
-
-def peft(args) -> Peft:
-    del args
-    return Peft()

@@ -9,18 +9,9 @@ no weight decay, so it stays bitwise at its pretrained value.
 from __future__ import annotations
 
 from ftjax.errors import UserError
-from ftjax.models.layers import Peft
+from ftjax.methods.full import trainable_rules  # noqa: F401 (everything trains, once started)
 from ftjax.models.layout import Layout
 
-
-def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
-    del args, layout
-    return [(r".*", True)]
-
-
-def peft(args) -> Peft:
-    del args
-    return Peft()
 
 
 def start_rules(args, layout: Layout, steps_per_epoch: int) -> list[tuple[str, int]]:

@@ -12,12 +12,17 @@ import numpy as np
 
 from ftjax import tree as tree_lib
 from ftjax.models.layers import Peft
+from ftjax.methods.common import head_and
 from ftjax.models.layout import Layout
+
+
+ADDS = (r".*/ia3_[a-z]+",)  # parameters this method adds (pretrained weights lack them)
+NEEDS = ("attention",)  # encoder features it builds on (FamilySpec.provides)
 
 
 def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
     del args, layout
-    return [(r"head/.*", True), (r".*/ia3_[a-z]+", True), (r".*", False)]
+    return head_and(*ADDS)
 
 
 def peft(args) -> Peft:
@@ -25,8 +30,9 @@ def peft(args) -> Peft:
     return Peft(ia3=True)
 
 
-def merge(params: Any) -> dict:
+def merge(params: Any, spec: Peft | None = None) -> dict:
     """Plain params: (xW + b) * l == x (W * l) + b * l; act(h) * l W == act(h) (l[:, None] W)."""
+    del spec  # the vectors carry everything
     flat = {k: np.asarray(v) for k, v in tree_lib.flatten(params).items()}
     out = {k: v for k, v in flat.items() if "/ia3_" not in k}
     for path, scale in flat.items():

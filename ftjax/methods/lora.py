@@ -17,6 +17,10 @@ from ftjax.models.layers import Peft
 from ftjax.models.layout import Layout
 
 
+ADDS = (r".*/lora_[ab]",)  # parameters this method adds (pretrained weights lack them)
+NEEDS = ("attention",)  # encoder features it builds on (FamilySpec.provides)
+
+
 def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
     del layout
     return [(r"head/.*", True), (r".*/lora_[ab]", True), (r".*/bias", bool(args.lora_train_bias)),

@@ -8,12 +8,17 @@ Only the prefix parameters and the task head train.
 
 from ftjax.errors import UserError
 from ftjax.models.layers import Peft
+from ftjax.methods.common import head_and
 from ftjax.models.layout import Layout
+
+
+ADDS = (r".*/prefix/.*",)  # parameters this method adds (pretrained weights lack them)
+NEEDS = ("attention",)  # encoder features it builds on (FamilySpec.provides)
 
 
 def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
     del args, layout
-    return [(r"head/.*", True), (r".*/prefix/.*", True), (r".*", False)]
+    return head_and(*ADDS)
 
 
 def peft(args) -> Peft:

@@ -14,12 +14,17 @@ import numpy as np
 from ftjax import tree as tree_lib
 from ftjax.errors import UserError
 from ftjax.models.layers import Peft
+from ftjax.methods.common import head_and
 from ftjax.models.layout import Layout
+
+
+ADDS = (r".*/prompt",)  # parameters this method adds (pretrained weights lack them)
+NEEDS = ("attention",)  # encoder features it builds on (FamilySpec.provides)
 
 
 def trainable_rules(args, layout: Layout) -> list[tuple[str, bool]]:
     del args, layout
-    return [(r"head/.*", True), (r".*/prompt", True), (r".*", False)]
+    return head_and(*ADDS)
 
 
 def peft(args) -> Peft:

@@ -11,23 +11,23 @@ Parameter paths (methods and optimizer rules target these by regex):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ftjax.errors import UserError
-from ftjax.models.layers import Adapter, Dense, Peft
+from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
+from ftjax.models.layers import (ACTIVATIONS, Adapter, Dense, Peft, PrefixEncoder, SelfAttention,
+                                  config_from_hf, padding_bias, prepend_prompt)
+from ftjax.models.layout import bert_layout
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
+# Small enough that a train step compiles in about a second on a CPU.
+TINY_BERT = {
+    "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 64,
+    "type_vocab_size": 2, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+    "layer_norm_eps": 1e-12, "initializer_range": 0.02, "model_type": "bert",
 }
 
 
@@ -52,10 +52,7 @@ class BertConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "BertConfig":
         """Builds the config from a config.json dict, ignoring unrelated keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in hf.items() if k in names and v is not None})
-        if cfg.hidden_act not in _ACTIVATIONS:
-            raise UserError(f"hidden_act={cfg.hidden_act!r} is not supported ({', '.join(_ACTIVATIONS)})")
+        cfg = config_from_hf(cls, hf)
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise UserError(f"position_embedding_type={hf['position_embedding_type']!r}: only absolute is supported")
         if cfg.hidden_size % cfg.num_attention_heads:
@@ -71,53 +68,6 @@ def _dense(cfg: BertConfig, features: int, name: str, dtype, peft: Peft) -> Dens
 
 def _layer_norm(cfg: BertConfig, name: str, dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, dtype=dtype, param_dtype=jnp.float32)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with the PEFT hooks (LoRA via Dense, IA3, deep prefixes).
-
-    Shared by the encoders: BERT (output Dense "out", padding bias) and ViT (output
-    "output", no bias). `config` needs hidden_size, num_attention_heads and
-    initializer_range.
-
-    Attributes:
-      kernel_init: the projections' init; None: normal(config.initializer_range).
-      output_name: name of the output projection.
-    """
-
-    config: Any
-    attention_dropout: float
-    dtype: Any = jnp.float32
-    peft: Peft = Peft()
-    kernel_init: Any = None
-    output_name: str = "out"
-
-    @nn.compact
-    def __call__(self, x, bias=None, *, train: bool, prefix=None):
-        cfg = self.config
-        heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        split = lambda t: t.reshape(*t.shape[:-1], heads, width)  # noqa: E731
-        init = self.kernel_init or nn.initializers.normal(cfg.initializer_range)
-        dense = lambda name: Dense(cfg.hidden_size, name=name, dtype=self.dtype, peft=self.peft,  # noqa: E731
-                                   kernel_init=init)
-        q = dense("query")(x, train=train)
-        k = dense("key")(x, train=train)
-        v = dense("value")(x, train=train)
-        if self.peft.ia3:
-            ones = nn.initializers.ones
-            k = k * self.param("ia3_key", ones, (cfg.hidden_size,), jnp.float32).astype(k.dtype)
-            v = v * self.param("ia3_value", ones, (cfg.hidden_size,), jnp.float32).astype(v.dtype)
-        if prefix is not None:  # deep prefix tuning: learned keys/values every query sees
-            pk, pv = (jnp.broadcast_to(t.astype(k.dtype), (x.shape[0], *t.shape)) for t in prefix)
-            k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
-            if bias is not None:
-                bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], pk.shape[1]), bias.dtype), bias], -1)
-        q, k, v = split(q), split(k), split(v)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width)
-        probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
-        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
-        return dense(self.output_name)(ctx, train=train)
 
 
 class Layer(nn.Module):
@@ -137,7 +87,7 @@ class Layer(nn.Module):
             attn = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="attention_adapter")(attn)
         x = _layer_norm(cfg, "attention_LayerNorm", self.dtype)(x + drop(attn))
         h = _dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, peft)(x, train=train)
-        h = _ACTIVATIONS[cfg.hidden_act](h)
+        h = ACTIVATIONS[cfg.hidden_act](h)
         if peft.ia3:
             h = h * self.param("ia3_ffn", nn.initializers.ones, (cfg.intermediate_size,), jnp.float32).astype(h.dtype)
         h = _dense(cfg, cfg.hidden_size, "output", self.dtype, peft)(h, train=train)
@@ -184,27 +134,6 @@ class Encoder(nn.Module):
         return x
 
 
-class PrefixEncoder(nn.Module):
-    """Per-layer (key, value) prefixes [n, hidden]: params, or an MLP over an embedding."""
-
-    config: BertConfig
-    peft: Peft
-
-    @nn.compact
-    def __call__(self):
-        cfg, n = self.config, self.peft.prefix_tokens
-        layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-        init = nn.initializers.normal(cfg.initializer_range)
-        if self.peft.prefix_reparam:
-            e = self.param("embedding", init, (n, hidden), jnp.float32)
-            h = jnp.tanh(nn.Dense(self.peft.prefix_reparam, name="mlp_in")(e))
-            kv = nn.Dense(layers * 2 * hidden, name="mlp_out")(h)
-        else:
-            kv = self.param("key_values", init, (n, layers * 2 * hidden), jnp.float32)
-        kv = kv.reshape(n, layers, 2, hidden)
-        return [(kv[:, i, 0], kv[:, i, 1]) for i in range(layers)]
-
-
 class BertModel(nn.Module):
     """BERT: embeddings, post-LN transformer encoder and the [CLS] pooler.
 
@@ -232,17 +161,27 @@ class BertModel(nn.Module):
                              f"max_position_embeddings {cfg.max_position_embeddings}")
         dropout = cfg.hidden_dropout_prob if self.dropout_override is None else self.dropout_override
         x = Embeddings(cfg, dropout, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
-        n_prompt = self.peft.prompt_tokens
-        if n_prompt:  # soft prompt vectors before the tokens; they see and are seen by all
-            prompt = self.param("prompt", nn.initializers.normal(cfg.initializer_range),
-                                (n_prompt, cfg.hidden_size), jnp.float32)
-            x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], *prompt.shape)), x], 1)
-            attention_mask = jnp.concatenate(
-                [jnp.ones((x.shape[0], n_prompt), attention_mask.dtype), attention_mask], 1)
-        # Padding keys get a large negative bias (float32, so bf16 compute cannot overflow it).
-        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
+        x, attention_mask = prepend_prompt(self, x, attention_mask, self.peft, cfg.initializer_range)
         x = Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")(
-            x, bias, train=train)
-        x = x[:, n_prompt:]  # the head sees the real tokens only: [CLS] is first again
+            x, padding_bias(attention_mask), train=train)
+        x = x[:, self.peft.prompt_tokens:]  # the head sees the real tokens only: [CLS] is first again
         pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", self.dtype, self.peft)(x[:, 0], train=train))
         return x, pooled
+
+
+def _encoder(cfg: BertConfig, opts: EncoderOptions, name: str) -> BertModel:
+    return BertModel(cfg, dtype=opts.dtype, dropout_override=opts.dropout, peft=opts.peft, name=name)
+
+
+def _check_export(meta: dict) -> None:
+    if meta.get("pooling") != "pooler":
+        raise UserError(f"this run pools with {meta.get('pooling')!r}; HF's BertForSequenceClassification "
+                        "classifies the [CLS] pooler output, so its logits would differ: fine-tune with "
+                        "--config.model.pooling=pooler to export")
+
+
+FAMILY = FamilySpec(
+    name="bert", model_types=("bert",), modality="text", config_class=BertConfig, encoder=_encoder,
+    layout=lambda cfg: bert_layout(cfg.num_hidden_layers), converter="ftjax.convert.bert",
+    variants={"tiny": TINY_BERT}, provides=("attention",),
+    hf_export=HFExport("BertForSequenceClassification", "bert", _check_export))

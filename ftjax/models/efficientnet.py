@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.errors import UserError
+from ftjax.models.family import EncoderOptions, FamilySpec
 from ftjax.models.layers import Peft
 from ftjax.models.layout import Layout
 
@@ -316,3 +317,18 @@ class EfficientNet(nn.Module):
                 x, train=train)
         x = ConvBN(cfg, cfg.head_channels, 1, 1, frozen, self.dtype, name="top")(x)
         return x.astype(jnp.float32).mean(axis=(1, 2))
+
+
+def _encoder(cfg: EfficientNetConfig, opts: EncoderOptions, name: str) -> EfficientNet:
+    return EfficientNet(cfg, dtype=opts.dtype, peft=opts.peft, update_batch_stats=opts.update_batch_stats,
+                        name=name)
+
+
+FAMILY = FamilySpec(
+    name="efficientnet", model_types=("efficientnet",), modality="image",
+    config_class=EfficientNetConfig, encoder=_encoder, layout=layout,
+    converter="ftjax.convert.efficientnet",
+    variants={"tiny": TINY_EFFICIENTNET,
+              **{f"lite{i}": {"model_type": "efficientnet", "variant": f"lite{i}"} for i in range(5)}},
+    # the reference's dropout before its classifier
+    head_dropout=lambda cfg: float(cfg.dropout_rate))

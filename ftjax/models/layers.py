@@ -8,11 +8,52 @@ by class, so the same options serve every encoder family.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from ftjax.errors import UserError
+
+# config.json "hidden_act" names -> functions, for every family that reads one.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def config_from_hf(cls, hf: dict[str, Any], **convert: Callable[[Any], Any]):
+    """A config dataclass from a config.json dict: the fields `cls` declares, nothing else.
+
+    Keys that are not fields, and null values, are ignored (the dataclass default
+    applies). A `hidden_act` field must name one of ACTIVATIONS.
+
+    Args:
+      cls: the family's frozen config dataclass.
+      hf: the config.json dict.
+      **convert: field name -> function applied to that value (e.g. lists to tuples).
+
+    Returns:
+      An instance of `cls`.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in hf.items() if k in names and v is not None}
+    for key, fn in convert.items():
+        if key in kw:
+            kw[key] = fn(kw[key])
+    cfg = cls(**kw)
+    act = getattr(cfg, "hidden_act", None)
+    if act is not None and act not in ACTIVATIONS:
+        raise UserError(f"hidden_act={act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    return cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,3 +134,100 @@ class Adapter(nn.Module):
                      param_dtype=jnp.float32)(
             nn.gelu(h, approximate=False))
         return x + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with the PEFT hooks (LoRA via Dense, IA3, deep prefixes).
+
+    Shared by the transformer encoders: BERT (output Dense "out", padding bias) and ViT
+    (output "output", no bias). `config` needs hidden_size, num_attention_heads and
+    initializer_range.
+
+    Attributes:
+      kernel_init: the projections' init; None: normal(config.initializer_range).
+      output_name: name of the output projection.
+    """
+
+    config: Any
+    attention_dropout: float
+    dtype: Any = jnp.float32
+    peft: Peft = Peft()
+    kernel_init: Any = None
+    output_name: str = "out"
+
+    @nn.compact
+    def __call__(self, x, bias=None, *, train: bool, prefix=None):
+        cfg = self.config
+        heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        split = lambda t: t.reshape(*t.shape[:-1], heads, width)  # noqa: E731
+        init = self.kernel_init or nn.initializers.normal(cfg.initializer_range)
+        dense = lambda name: Dense(cfg.hidden_size, name=name, dtype=self.dtype, peft=self.peft,  # noqa: E731
+                                   kernel_init=init)
+        q = dense("query")(x, train=train)
+        k = dense("key")(x, train=train)
+        v = dense("value")(x, train=train)
+        if self.peft.ia3:
+            ones = nn.initializers.ones
+            k = k * self.param("ia3_key", ones, (cfg.hidden_size,), jnp.float32).astype(k.dtype)
+            v = v * self.param("ia3_value", ones, (cfg.hidden_size,), jnp.float32).astype(v.dtype)
+        if prefix is not None:  # deep prefix tuning: learned keys/values every query sees
+            pk, pv = (jnp.broadcast_to(t.astype(k.dtype), (x.shape[0], *t.shape)) for t in prefix)
+            k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+            if bias is not None:
+                bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], pk.shape[1]), bias.dtype), bias], -1)
+        q, k, v = split(q), split(k), split(v)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width)
+        probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
+        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
+        return dense(self.output_name)(ctx, train=train)
+
+
+class PrefixEncoder(nn.Module):
+    """Per-layer (key, value) prefixes [n, hidden]: params, or an MLP over an embedding.
+
+    `config` needs num_hidden_layers, hidden_size and initializer_range.
+    """
+
+    config: Any
+    peft: Peft
+
+    @nn.compact
+    def __call__(self):
+        cfg, n = self.config, self.peft.prefix_tokens
+        layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+        init = nn.initializers.normal(cfg.initializer_range)
+        if self.peft.prefix_reparam:
+            e = self.param("embedding", init, (n, hidden), jnp.float32)
+            h = jnp.tanh(nn.Dense(self.peft.prefix_reparam, name="mlp_in")(e))
+            kv = nn.Dense(layers * 2 * hidden, name="mlp_out")(h)
+        else:
+            kv = self.param("key_values", init, (n, layers * 2 * hidden), jnp.float32)
+        kv = kv.reshape(n, layers, 2, hidden)
+        return [(kv[:, i, 0], kv[:, i, 1]) for i in range(layers)]
+
+
+def prepend_prompt(module: nn.Module, x, attention_mask, peft: Peft, initializer_range: float):
+    """Prompt tuning: `peft.prompt_tokens` learned vectors (`module`'s "prompt" param) before the tokens.
+
+    Call it inside `module`'s compact __call__, on the embedded tokens. The prompt sees
+    and is seen by every token; the caller drops the first `peft.prompt_tokens` outputs
+    so that heads see the real tokens only.
+
+    Returns:
+      (x with the prompt first, the attention mask extended with ones).
+    """
+    n = peft.prompt_tokens
+    if not n:
+        return x, attention_mask
+    prompt = module.param("prompt", nn.initializers.normal(initializer_range), (n, x.shape[-1]), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], *prompt.shape)), x], 1)
+    return x, jnp.concatenate([jnp.ones((x.shape[0], n), attention_mask.dtype), attention_mask], 1)
+
+
+def padding_bias(attention_mask):
+    """[B, 1, 1, L] additive attention bias: 0 for real keys, -1e9 for padding.
+
+    float32, so bf16 compute cannot overflow it.
+    """
+    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)

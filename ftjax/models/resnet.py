@@ -19,19 +19,13 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ftjax.errors import UserError
-from ftjax.models.layers import Peft
+from ftjax.models.family import EncoderOptions, FamilySpec
+from ftjax.models.layers import ACTIVATIONS, Peft, config_from_hf
 from ftjax.models.layout import Layout
 
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
 TINY_RESNET = {
     "model_type": "resnet", "num_channels": 3, "embedding_size": 8, "hidden_sizes": [16, 32],
     "depths": [1, 1], "layer_type": "bottleneck", "hidden_act": "relu", "downsample_in_first_stage": False,
@@ -54,14 +48,8 @@ class ResNetConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ResNetConfig":
         """Builds the config from a config.json dict, ignoring unrelated keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in hf.items() if k in names and v is not None}
-        for key in ("hidden_sizes", "depths"):
-            if key in kw:
-                kw[key] = tuple(int(v) for v in kw[key])
-        cfg = cls(**kw)
-        if cfg.hidden_act not in _ACTIVATIONS:
-            raise UserError(f"hidden_act={cfg.hidden_act!r} is not supported ({', '.join(_ACTIVATIONS)})")
+        ints = lambda v: tuple(int(x) for x in v)  # noqa: E731
+        cfg = config_from_hf(cls, hf, hidden_sizes=ints, depths=ints)
         if cfg.layer_type not in ("basic", "bottleneck"):
             raise UserError(f"layer_type={cfg.layer_type!r} is not basic or bottleneck")
         if len(cfg.hidden_sizes) != len(cfg.depths) or not cfg.depths:
@@ -95,7 +83,7 @@ class ConvLayer(nn.Module):
                     name="convolution")(x)
         x = nn.BatchNorm(use_running_average=self.use_running_average, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, param_dtype=jnp.float32, name="normalization")(x)
-        return x if self.activation is None else _ACTIVATIONS[self.activation](x)
+        return x if self.activation is None else ACTIVATIONS[self.activation](x)
 
 
 class Block(nn.Module):
@@ -125,7 +113,7 @@ class Block(nn.Module):
             h = conv(0, inner, 1, first, act)(x)
             h = conv(1, inner, 3, middle, act)(h)
             h = conv(2, self.features, 1, 1, None)(h)
-        return _ACTIVATIONS[act](h + residual)
+        return ACTIVATIONS[act](h + residual)
 
 
 class Stage(nn.Module):
@@ -185,3 +173,21 @@ class ResNetModel(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = Encoder(cfg, frozen, self.dtype, name="encoder")(x)
         return x.astype(jnp.float32).mean(axis=(1, 2))
+
+
+def _resnet(kind: str, depths: list[int]) -> dict[str, Any]:
+    sizes = [64, 128, 256, 512] if kind == "basic" else [256, 512, 1024, 2048]
+    return {"model_type": "resnet", "layer_type": kind, "depths": depths, "hidden_sizes": sizes,
+            "embedding_size": 64, "num_channels": 3, "hidden_act": "relu", "downsample_in_first_stage": False}
+
+
+def _encoder(cfg: ResNetConfig, opts: EncoderOptions, name: str) -> ResNetModel:
+    return ResNetModel(cfg, dtype=opts.dtype, peft=opts.peft, update_batch_stats=opts.update_batch_stats, name=name)
+
+
+FAMILY = FamilySpec(
+    name="resnet", model_types=("resnet",), modality="image",
+    config_class=ResNetConfig, encoder=_encoder, layout=layout,
+    converter="ftjax.convert.resnet",
+    variants={"tiny": TINY_RESNET, "18": _resnet("basic", [2, 2, 2, 2]), "34": _resnet("basic", [3, 4, 6, 3]),
+              "50": _resnet("bottleneck", [3, 4, 6, 3]), "101": _resnet("bottleneck", [3, 4, 23, 3])})

@@ -29,17 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import UserError
-from ftjax.models.bert import PrefixEncoder, SelfAttention
-from ftjax.models.layers import Adapter, Dense, Peft
+from ftjax.models.family import EncoderOptions, FamilySpec
+from ftjax.models.layers import ACTIVATIONS, Adapter, Dense, Peft, PrefixEncoder, SelfAttention, config_from_hf
 from ftjax.models.layout import Layout
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
 TINY_VIT = {
     "model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
     "intermediate_size": 64, "hidden_act": "gelu", "image_size": 32, "patch_size": 8, "num_channels": 3,
@@ -67,10 +60,7 @@ class ViTConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ViTConfig":
         """Builds the config from a config.json dict, ignoring unrelated keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in hf.items() if k in names and v is not None})
-        if cfg.hidden_act not in _ACTIVATIONS:
-            raise UserError(f"hidden_act={cfg.hidden_act!r} is not supported ({', '.join(_ACTIVATIONS)})")
+        cfg = config_from_hf(cls, hf)
         if not hf.get("qkv_bias", True):
             raise UserError("qkv_bias=false ViTs are not supported: ftjax's attention projections have biases")
         if cfg.hidden_size % cfg.num_attention_heads:
@@ -171,7 +161,7 @@ class Layer(nn.Module):
             h = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="attention_adapter")(h)
         x = x + drop(h)
         h = _layer_norm(cfg, "layernorm_after", self.dtype)(x)
-        h = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, peft)(
+        h = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, peft)(
             h, train=train))
         if peft.ia3:
             h = h * self.param("ia3_ffn", nn.initializers.ones, (cfg.intermediate_size,), jnp.float32).astype(h.dtype)
@@ -270,3 +260,43 @@ class ViTModel(nn.Module):
         x = Encoder(cfg, dropout, self.dtype, peft, name="encoder")(x, train=train)
         x = _layer_norm(cfg, "layernorm", self.dtype)(x[:, 0])
         return x.astype(jnp.float32)
+
+
+def fit_position_embeddings(loaded: dict, variables: dict) -> dict:
+    """Resamples pretrained position embeddings to this run's patch grid (e.g. 224 -> 384 px).
+
+    The FamilySpec `load` hook: runs on the converted variables before the strict merge.
+    """
+    from ftjax.logs import info
+
+    try:
+        old = loaded["params"]["vit"]["embeddings"]["position_embeddings"]
+        new = variables["params"]["vit"]["embeddings"]["position_embeddings"]
+    except KeyError:
+        return loaded  # the strict merge names what is missing
+    if old.shape != new.shape:
+        side = int(round((new.shape[1] - 1) ** 0.5))
+        info(f"ViT position embeddings resampled from {old.shape[1] - 1} to {new.shape[1] - 1} patches")
+        loaded = jax.tree.map(lambda x: x, loaded)  # a copy; the conversion cache stays as it is
+        loaded["params"]["vit"]["embeddings"]["position_embeddings"] = resample_posemb(old, (side, side))
+    return loaded
+
+
+def _vit(hidden: int, layers: int, n_heads: int, mlp: int, patch: int = 16, image: int = 224) -> dict[str, Any]:
+    return {"model_type": "vit", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": n_heads,
+            "intermediate_size": mlp, "patch_size": patch, "image_size": image, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def _encoder(cfg: ViTConfig, opts: EncoderOptions, name: str) -> ViTModel:
+    return ViTModel(cfg, dtype=opts.dtype, peft=opts.peft, image_size=opts.image_size,
+                    dropout_override=opts.dropout, name=name)
+
+
+FAMILY = FamilySpec(
+    name="vit", model_types=("vit",), modality="image",
+    config_class=ViTConfig, encoder=_encoder, layout=layout,
+    converter="ftjax.convert.vit", provides=("attention",), load=fit_position_embeddings,
+    variants={"tiny": TINY_VIT, "ti16": _vit(192, 12, 3, 768), "s16": _vit(384, 12, 6, 1536),
+              "b16": _vit(768, 12, 12, 3072), "b32": _vit(768, 12, 12, 3072, patch=32),
+              "l16": _vit(1024, 24, 16, 4096)})

@@ -1,0 +1,154 @@
+"""Tasks: what is predicted and how it is scored, as plug-ins of the one trainer.
+
+`config.task` names a module below ("classification", "regression") or the dotted path
+of a module of your own; the module exports `TASK`, a `Task` subclass. None (the
+default) infers it from the data: regression when the labels are numbers, else
+classification. The trainer (ftjax/train.py) and the steps (ftjax/step.py) never ask
+which task runs; everything task-specific goes through the methods below.
+
+A task owns
+  * its data: `load_data(config, family, process_index, process_count)` returns the
+    split data (`ftjax.data.pipeline.SplitData`: `train_batches(start_step)`,
+    `eval_batches(split)`, `steps_per_epoch`, `has_split`, `tokenizer`, `export_meta()`);
+  * the model it wraps around the family's encoder (a head, or a decoder):
+    `build_model(family, encoder_config, options)`, a Linen module with `input_keys`
+    (the batch keys it is called with, in order) and `dummy_inputs()` (for init);
+  * the train loss and metrics: `loss(outputs, batch) -> (scalar loss, {name: scalar})`,
+    from the model's train-mode outputs and the batch (gradient accumulation averages
+    both over micro-batches);
+  * the eval prediction, on device: `predict(model, variables, batch)` -> a pytree of
+    [B, ...] arrays (classification: logits);
+  * its evaluators (big_vision style): `evaluators()` -> objects with
+    `update(predictions, rows)` and `result() -> {name: value}`; `predictions` are the
+    host copies of `predict`'s output and `rows` the batch keys `eval_keys` plus "mask"
+    (1 for real rows, 0 for padding), gathered over processes. The dev metric for
+    best-k and early stopping (`config.metric`) may be any name they return;
+  * what a run records: `export_meta()` (into export/meta.json, read back by
+    `from_meta`), `fingerprint()` (what a checkpoint must match), `summary()`;
+  * how `ftjax.inference.Predictor` renders its predictions: `render(predictions)`.
+
+A sequence-to-sequence task (speech recognition, summarisation) fits the same seams
+without touching train.py or step.py; tests/toy_seq2seq.py is a working one:
+
+    class Seq2Seq(Task):
+        eval_keys = ("labels", "label_mask")       # reference token ids, their mask
+        def build_model(self, family, cfg, options):
+            # encoder + decoder (the family's), called as
+            # model(*encoder_inputs, decoder_input_ids, train=...) -> logits [B, T, V]
+        def loss(self, logits, batch):
+            # teacher forcing: decoder_input_ids = labels shifted right (BOS first);
+            # token cross-entropy weighted by label_mask, mean over real tokens
+        def predict(self, model, variables, batch):
+            # autoregressive decoding on device: lax.while_loop / scan over positions
+            # with a KV cache (greedy, or beam search with length penalty), stopping
+            # at EOS; returns {"tokens": int32 [B, max_decode_length]}
+        def evaluators(self):
+            # host side: detokenize predictions and references (the tokenizer comes
+            # with the data), then WER / CER / exact match / ROUGE over the split
+        def render(self, predictions):
+            # the decoded text of each row
+
+Variable-length label sequences are padded per batch (bucketed like text inputs) with
+`label_mask` 0 on padding; the loss and metrics never see padding tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+from ftjax import plugins
+
+# The registry: task name -> module exporting TASK.
+TASKS = {
+    "classification": "ftjax.tasks.classification",
+    "regression": "ftjax.tasks.regression",
+}
+
+
+def apply(model, variables, batch: dict, *, train: bool, rng=None, mutable=False):
+    """Calls `model` on the batch keys it takes (`model.input_keys`, in order)."""
+    rngs = {"dropout": rng} if train else {}
+    return model.apply(variables, *(batch[k] for k in model.input_keys), train=train, rngs=rngs,
+                       mutable=mutable)
+
+
+class Task:
+    """The interface every task implements (see the module docstring)."""
+
+    name: ClassVar[str]
+    eval_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def load_data(cls, config, family, process_index: int, process_count: int):
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config, data) -> "Task":
+        raise NotImplementedError
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Task":
+        raise NotImplementedError
+
+    def build_model(self, family, encoder_config, options):
+        raise NotImplementedError
+
+    def loss(self, outputs, batch: dict) -> tuple[Any, dict[str, Any]]:
+        raise NotImplementedError
+
+    def predict(self, model, variables, batch: dict):
+        """Default: the model's eval-mode outputs as float32."""
+        return apply(model, variables, batch, train=False).astype(jnp.float32)
+
+    def evaluators(self) -> list:
+        raise NotImplementedError
+
+    def export_meta(self) -> dict[str, Any]:
+        return {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def render(self, predictions) -> list:
+        raise NotImplementedError
+
+
+def get(name: str) -> type[Task]:
+    """The Task class of a registered task name, or of a module path exporting TASK."""
+    return plugins.load(name, TASKS, "TASK", Task, "config.task")
+
+
+def create(config, family, process_index: int = 0, process_count: int = 1):
+    """(task, data) for a config: the named task, or the one its data implies.
+
+    Args:
+      config: the experiment config.
+      family: the model's FamilySpec.
+      process_index: this process.
+      process_count: all processes.
+
+    Returns:
+      The Task instance and its split data.
+    """
+    name = config.task
+    if name is None:
+        # classification and regression read the same labelled data; its label type decides
+        from ftjax.tasks import classification
+
+        data = classification.load_labelled_data(config, family, process_index, process_count)
+        cls = get("regression" if data.regression else "classification")
+    else:
+        cls = get(name)
+        data = cls.load_data(config, family, process_index, process_count)
+    return cls.from_config(config, data), data
+
+
+def from_meta(meta: dict) -> Task:
+    """The task of an export's meta.json (exports older than tasks: by their label count)."""
+    name = meta.get("task") or ("regression" if meta.get("num_labels") == 1 else "classification")
+    return get(name).from_meta(meta)
