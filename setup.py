@@ -24,11 +24,14 @@ setuptools.setup(
         "tokenizers>=0.22,<0.24",
         "huggingface_hub>=1.0,<2",
         "safetensors>=0.6,<0.9",
+        "onnx>=1.17,<2",  # reads ONNX encoder exports' initializers (no onnxruntime, no torch)
         "tqdm>=4.66,<5",
         "tensorboardX>=2.6,<3",
         "etils[epath]>=1.10",
         "numpy>=2,<3",
         "pillow>=10",  # image decoding and resizing
+        "sentencepiece>=0.2,<0.3",  # converts SentencePiece models (DeBERTa-v3 spm.model) to fast tokenizers
+        "protobuf>=4",  # read by that conversion
     ],
     # scikit-image: the sample photos of the EfficientNet-Lite0 top-1 test
     extras_require={"test": ["pytest>=8,<10", "scikit-image>=0.24"]},

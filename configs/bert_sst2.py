@@ -15,7 +15,14 @@ Args (combinable, e.g. `configs/bert_sst2.py:demo,runlocal`):
             dev accuracy >= 0.82 in under 15 min on a 2-core CPU (results/demo/).
   runlocal  a few dozen steps on a small subset with frequent evals and checkpoints,
             for smoke tests.
-  model=    override the pretrained model (folder, hub name or asset:NAME).
+  model=    another pretrained model: a folder, a hub name or asset:NAME; the offline
+            assets minilm, minilm_l3 (paraphrase-MiniLM-L3-v2, ONNX) and mpnet_base
+            (all-mpnet-base-v2) by name. The family comes from its config.json
+            model_type (bert, roberta/xlm-roberta, distilbert, electra, deberta-v2,
+            mpnet). Without demo, the hub names in RECIPES take their papers'
+            GLUE recipe (below); e.g. `model=roberta-base`, `model=microsoft/deberta-v3-base`.
+            `:demo,model=minilm_l3` and `:demo,model=mpnet_base` run offline on the
+            demo budget.
   method=   a fine-tuning method of ftjax/methods/ (full, linear_probe, freeze,
             gradual_unfreezing, bitfit,
             layernorm, lora, ia3, adapter, prompt, prefix), with its usual learning
@@ -23,6 +30,31 @@ Args (combinable, e.g. `configs/bert_sst2.py:demo,runlocal`):
 """
 
 from configs import common
+
+OFFLINE_MODELS = ("minilm", "minilm_l3", "mpnet_base")  # model=NAME means asset:NAME
+
+# The GLUE fine-tuning recipe of each family's paper, for SST-2-sized tasks (keys are
+# config paths). RoBERTa (Liu et al. 2019, Table 10): lr {1e-5, 2e-5, 3e-5}, batch
+# {16, 32}, 6% warmup, weight decay 0.1, 10 epochs. MPNet (Song et al. 2020) follows
+# RoBERTa's. ELECTRA (Clark et al. 2020, Table 7): lr 3e-4 small / 1e-4 base, layer-wise
+# lr decay 0.8, 10% warmup, no weight decay, Adam eps 1e-6, 3 epochs. DeBERTa-v3 (He et
+# al. 2021): lr around 2e-5, batch 32, 3 epochs. DistilBERT (Sanh et al. 2019): BERT's.
+_ROBERTA = {"optimizer.lr": 2e-5, "schedule.warmup_fraction": 0.06, "optimizer.weight_decay": 0.1,
+            "num_epochs": 10.0}
+_ELECTRA = {"schedule.warmup_fraction": 0.1, "optimizer.weight_decay": 0.0, "optimizer.eps": 1e-6,
+            "method_args.layerwise_lr_decay": 0.8, "num_epochs": 3.0}
+RECIPES = {
+    "roberta-base": _ROBERTA, "FacebookAI/roberta-base": _ROBERTA,
+    "roberta-large": {**_ROBERTA, "optimizer.lr": 1e-5, "batch_size": 16},
+    "xlm-roberta-base": _ROBERTA, "FacebookAI/xlm-roberta-base": _ROBERTA,
+    "microsoft/mpnet-base": {**_ROBERTA, "optimizer.lr": 1e-5},
+    "google/electra-small-discriminator": {**_ELECTRA, "optimizer.lr": 3e-4},
+    "google/electra-base-discriminator": {**_ELECTRA, "optimizer.lr": 1e-4},
+    "microsoft/deberta-v3-base": {"optimizer.lr": 2e-5, "schedule.warmup_fraction": 0.1, "num_epochs": 3.0},
+    "microsoft/deberta-v3-small": {"optimizer.lr": 3e-5, "schedule.warmup_fraction": 0.1, "num_epochs": 3.0},
+    "distilbert-base-uncased": {"optimizer.lr": 5e-5, "num_epochs": 3.0},
+    "distilbert/distilbert-base-uncased": {"optimizer.lr": 5e-5, "num_epochs": 3.0},
+}
 
 # Learning rates the methods' papers use for encoders of this size (AdamW): frozen
 # backbones need larger steps on their few parameters than full fine-tuning.
@@ -82,7 +114,10 @@ def get_config(arg: str | None = None):
         c.log_every_steps = 20
 
     if a.model:
-        c.model.pretrained = a.model
+        c.model.family = None  # chosen by the model's config.json model_type
+        c.model.pretrained = f"asset:{a.model}" if a.model in OFFLINE_MODELS else a.model
+        if not a.demo:
+            c.update_from_flattened_dict(RECIPES.get(a.model, {}))
     common.set_method(c, a.method, METHOD_LR)
     if a.method == "gradual_unfreezing":
         c.method_args.unfreeze_every_epochs = 0.125  # all 8 groups of MiniLM in the first epoch

@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "model_type" (a model from scratch, model.variant, needs it set).
     c.model.family = placeholder(str)
     c.model.variant = placeholder(str)  # e.g. "tiny"; used when pretrained is None
-    c.model.tokenizer = placeholder(str)  # tokenizer folder; None: the pretrained folder
+    c.model.tokenizer = placeholder(str)  # tokenizer folder or asset:NAME; None: the pretrained folder
     c.model.pooling = "pooler"          # "pooler" (BERT [CLS] + dense tanh), "cls" or "mean"
     c.model.dropout = placeholder(float)  # None: the pretrained config's hidden dropout
     # Dropout before the head. None: text encoders, their hidden dropout (model.dropout,

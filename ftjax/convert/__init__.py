@@ -1,7 +1,8 @@
 """Pretrained weights -> ftjax variable trees, cached as Orbax checkpoints.
 
 Sources: HF snapshot folders (model.safetensors, a sharded index, or PyTorch
-pytorch_model.bin read by the torch-free reader) and EfficientNet-PyTorch .pth files.
+pytorch_model.bin read by the torch-free reader), EfficientNet-PyTorch .pth files and
+ONNX encoder exports beside a config.json (ftjax.convert.onnx_io).
 
   python -m ftjax.convert SRC DST    # SRC: HF folder, hub name or asset:NAME
 """
@@ -24,7 +25,11 @@ _CACHE_VERSION = "2"  # bump when a converter's output changes
 
 
 def read_weights(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Every tensor of a folder: safetensors if there, else one PyTorch .bin/.pth (safe reader)."""
+    """Every tensor of a folder, in HF names and layout.
+
+    safetensors if there, else one PyTorch .bin/.pth (safe reader), else one .onnx export
+    (its initializers mapped onto HF names by the folder's config.json model_type).
+    """
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise ConvertError(f"model folder {model_dir} does not exist")
@@ -34,12 +39,24 @@ def read_weights(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     if len(torch_files) == 1:
         from ftjax.convert import torch_pickle
 
-        tensors = torch_pickle.load_state_dict(torch_files[0])
+        try:
+            tensors = torch_pickle.load_state_dict(torch_files[0])
+        except ConvertError as e:
+            onnx_files = sorted(model_dir.glob("*.onnx"))
+            if not onnx_files:
+                raise
+            raise ConvertError(f"{e}; beside {onnx_files[0].name} it may be that export's external data, which "
+                               "ftjax does not read: save the export as one self-contained .onnx and remove "
+                               f"{torch_files[0].name}") from None
         # fp16 up to float32, as the safetensors reader does (bf16 comes back as float32)
         return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in tensors.items()}
     if torch_files:
         raise ConvertError(f"{model_dir} has several PyTorch weight files "
                            f"({', '.join(f.name for f in torch_files)}); keep one")
+    if any(model_dir.glob("*.onnx")):
+        from ftjax.convert import onnx_io
+
+        return onnx_io.read_onnx_folder(model_dir)
     return read_safetensors_folder(model_dir)  # raises its "no weights" error
 
 
@@ -63,7 +80,8 @@ def convert_folder(model_dir: str | pathlib.Path, family: str = "bert") -> dict[
 
 def _cache_key(model_dir: pathlib.Path, family: str) -> str:
     h = hashlib.sha256(f"{_CACHE_VERSION}|{family}|{model_dir.resolve()}".encode())
-    for f in sorted(p for pattern in ("*.safetensors", "*.json", "*.bin", "*.pth") for p in model_dir.glob(pattern)):
+    patterns = ("*.safetensors", "*.json", "*.bin", "*.pth", "*.onnx")
+    for f in sorted(p for pattern in patterns for p in model_dir.glob(pattern)):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:24]

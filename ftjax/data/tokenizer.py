@@ -1,5 +1,9 @@
 """Text tokenization with the HF fast tokenizer of a model folder.
 
+Folders are read as HF ships them: tokenizer.json, a WordPiece vocab.txt (BERT), or a
+SentencePiece spm.model (DeBERTa-v2/v3, which ship no tokenizer.json); the last two are
+converted into the same fast `tokenizers` backend by transformers.
+
 The tokenizer's own padding is always disabled: pretrained tokenizer.json files often
 pad every input to a fixed length (all-MiniLM-L6-v2 pads to 128), while the input
 pipeline pads each batch dynamically to a bucket length. Truncation is done by the
@@ -16,7 +20,7 @@ from collections.abc import Sequence
 from ftjax.errors import UserError
 
 # The files that make a folder loadable, in the order they are tried.
-_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "vocab.txt")
+_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "vocab.txt", "spm.model")
 
 
 class TextTokenizer:
@@ -28,25 +32,29 @@ class TextTokenizer:
 
     def __init__(self, backend, source: str):
         """Wraps `backend`, a `tokenizers.Tokenizer`; `source` names it in errors."""
+        # The tokenizer's own padding setting names its pad id (all-mpnet-base-v2 has both
+        # "<pad>" = 1, the one it pads with, and a "[PAD]" = 4); read it before turning padding off.
+        pad = backend.padding["pad_id"] if backend.padding else None
         backend.no_padding()
         backend.no_truncation()
         self._backend = backend
         self._source = source
         self._max_length: int | None = None
         self._lock = threading.Lock()
-        pad = backend.token_to_id("[PAD]")
-        if pad is None:
-            pad = backend.token_to_id("<pad>")
+        for token in ("[PAD]", "<pad>"):
+            if pad is None:
+                pad = backend.token_to_id(token)
         self.pad_id: int = 0 if pad is None else int(pad)
         self.vocab_size: int = int(backend.get_vocab_size(with_added_tokens=True))
 
     def __getstate__(self):
-        return {"json": self._backend.to_str(), "source": self._source}
+        return {"json": self._backend.to_str(), "source": self._source, "pad_id": self.pad_id}
 
     def __setstate__(self, state):
         import tokenizers
 
         self.__init__(tokenizers.Tokenizer.from_str(state["json"]), state["source"])
+        self.pad_id = state.get("pad_id", self.pad_id)  # the padding setting is gone from the json
 
     def _set_max_length(self, max_length: int) -> None:
         if max_length == self._max_length:
@@ -89,11 +97,12 @@ def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
 
     `tokenizer.json` is used when present. Otherwise the folder goes through
     `transformers` (`AutoTokenizer` when a tokenizer_config.json or config.json says
-    which class, else `BertTokenizer` for a bare vocab.txt) and its fast backend is
-    kept.
+    which class, else `BertTokenizer` for a bare vocab.txt and `DebertaV2Tokenizer` for a
+    bare spm.model) and its fast backend is kept. Converting a SentencePiece model needs
+    the `sentencepiece` package (and `protobuf`).
 
     Args:
-      folder: a local folder holding tokenizer.json, or vocab.txt (+ configs).
+      folder: a local folder holding tokenizer.json, or vocab.txt or spm.model (+ configs).
 
     Returns:
       A TextTokenizer with padding disabled.
@@ -121,10 +130,51 @@ def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
             else:
                 hf = transformers.BertTokenizer.from_pretrained(path)
             backend = hf.backend_tokenizer
+        elif "spm.model" in present:
+            backend = _sentencepiece_backend(path, present)
         else:
-            raise UserError(f"no tokenizer in {path}: expected tokenizer.json or vocab.txt")
+            raise UserError(f"no tokenizer in {path}: expected tokenizer.json or vocab.txt "
+                            "(or a SentencePiece spm.model)")
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"cannot load the tokenizer in {path}: {' '.join(str(e).split())}") from None
     return TextTokenizer(backend, path)
+
+
+def _sentencepiece_backend(path: str, present: list[str]):
+    """The fast backend of a DeBERTa-style folder: spm.model (+ tokenizer_config.json / config.json)."""
+    missing = [package for module, package in (("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf"))
+               if not _importable(module)]
+    if missing:
+        # transformers would fall back to a TikToken reader and fail with an unrelated message
+        raise UserError(f"{path} has a SentencePiece tokenizer (spm.model) and no tokenizer.json; converting it "
+                        f"needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    import transformers
+
+    if "config.json" in present or _names_class(os.path.join(path, "tokenizer_config.json")):
+        hf = transformers.AutoTokenizer.from_pretrained(path)
+    else:
+        # microsoft/deberta-v3-* tokenizer_config.json names no class; spm.model is DeBERTa's file name
+        hf = transformers.DebertaV2Tokenizer.from_pretrained(path)
+    return hf.backend_tokenizer
+
+
+def _names_class(config_path: str) -> bool:
+    """Whether a tokenizer_config.json says which tokenizer class it is for."""
+    import json
+
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return bool(json.load(f).get("tokenizer_class"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False

@@ -23,6 +23,11 @@ FAMILIES = {
     "vit": "ftjax.models.vit",
     "resnet": "ftjax.models.resnet",
     "efficientnet": "ftjax.models.efficientnet",
+    "roberta": "ftjax.models.roberta",
+    "distilbert": "ftjax.models.distilbert",
+    "electra": "ftjax.models.electra",
+    "deberta_v2": "ftjax.models.deberta_v2",
+    "mpnet": "ftjax.models.mpnet",
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

@@ -76,6 +76,7 @@ class Layer(nn.Module):
     attention_dropout: float
     dtype: Any = jnp.float32
     peft: Peft = Peft()
+    attention_residual_dropout: bool = True  # DistilBERT adds the attention output undropped
 
     @nn.compact
     def __call__(self, x, bias, *, train: bool, prefix=None):
@@ -85,7 +86,8 @@ class Layer(nn.Module):
             x, bias, train=train, prefix=prefix)
         if peft.adapter == "houlsby":
             attn = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="attention_adapter")(attn)
-        x = _layer_norm(cfg, "attention_LayerNorm", self.dtype)(x + drop(attn))
+        x = _layer_norm(cfg, "attention_LayerNorm", self.dtype)(
+            x + (drop(attn) if self.attention_residual_dropout else attn))
         h = _dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, peft)(x, train=train)
         h = ACTIVATIONS[cfg.hidden_act](h)
         if peft.ia3:
@@ -121,6 +123,7 @@ class Encoder(nn.Module):
     attention_dropout: float
     dtype: Any = jnp.float32
     peft: Peft = Peft()
+    attention_residual_dropout: bool = True
 
     @nn.compact
     def __call__(self, x, bias, *, train: bool):
@@ -129,7 +132,7 @@ class Encoder(nn.Module):
         if peft.prefix_tokens:
             prefixes = PrefixEncoder(cfg, peft, name="prefix")()
         for i in range(cfg.num_hidden_layers):
-            x = Layer(cfg, self.dropout, self.attention_dropout, self.dtype, peft,
+            x = Layer(cfg, self.dropout, self.attention_dropout, self.dtype, peft, self.attention_residual_dropout,
                       name=f"layer_{i}")(x, bias, train=train, prefix=prefixes[i])
         return x
 
@@ -184,4 +187,5 @@ FAMILY = FamilySpec(
     name="bert", model_types=("bert",), modality="text", config_class=BertConfig, encoder=_encoder,
     layout=lambda cfg: bert_layout(cfg.num_hidden_layers), converter="ftjax.convert.bert",
     variants={"tiny": TINY_BERT}, provides=("attention",),
+    optional=(r".*/pooler/.*",),  # sentence-transformers exports (ONNX MiniLM-L3) ship no pooler
     hf_export=HFExport("BertForSequenceClassification", "bert", _check_export))

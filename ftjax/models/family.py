@@ -78,8 +78,8 @@ class FamilySpec:
         surgery before the strict merge (ViT resamples its position embeddings).
       hf_export: optional HFExport; None: the family has no HF export.
       head_dropout: optional encoder config -> the dropout before a task head when
-        config.model.head_dropout is None; None: the encoder's hidden dropout for text,
-        0 for images.
+        config.model.head_dropout is None (the hook may return None too); None: the
+        encoder's hidden dropout (or config.model.dropout) for text, 0 for images.
     """
 
     name: str

@@ -163,9 +163,11 @@ def _build(family: str, model_config: dict[str, Any], options: EncoderOptions, n
     cfg = spec.config(model_config)
     common = {"family": family, "encoder_config": cfg, "num_labels": num_labels, "dropout": options.dropout,
               "dtype": options.dtype, "peft": options.peft}
+    if head_dropout is None and spec.head_dropout:
+        head_dropout = spec.head_dropout(cfg)  # may be None: the family has no own value here
     if spec.modality == "image":
         if head_dropout is None:
-            head_dropout = spec.head_dropout(cfg) if spec.head_dropout else 0.0
+            head_dropout = 0.0
         return ImageClassifier(**common, head_dropout=head_dropout, update_batch_stats=options.update_batch_stats,
                                image_size=options.image_size)
     if spec.modality != "text":
@@ -174,8 +176,7 @@ def _build(family: str, model_config: dict[str, Any], options: EncoderOptions, n
     if pooling not in POOLINGS:
         raise UserError(f"config.model.pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
     if head_dropout is None:
-        head_dropout = (spec.head_dropout(cfg) if spec.head_dropout
-                        else cfg.hidden_dropout_prob if options.dropout is None else options.dropout)
+        head_dropout = cfg.hidden_dropout_prob if options.dropout is None else options.dropout
     return SequenceClassifier(**common, pooling=pooling, head_dropout=head_dropout,
                               initializer_range=cfg.initializer_range)
 
@@ -196,10 +197,12 @@ def load_labelled_data(config, family: FamilySpec, process_index: int, process_c
 
     if not (config.model.tokenizer or config.model.pretrained):
         raise UserError("set config.model.tokenizer (a folder with tokenizer files) or config.model.pretrained")
-    if config.model.tokenizer:
-        tok_dir = epath.Path(config.model.tokenizer)
+    from ftjax import assets
+
+    if config.model.tokenizer:  # a folder, or asset:NAME (a pinned model's tokenizer files)
+        name = config.model.tokenizer
+        tok_dir = epath.Path(assets.fetch(name[len("asset:"):]) if name.startswith("asset:") else name)
     else:
-        from ftjax import assets
         tok_dir = epath.Path(assets.resolve_model_dir(config.model.pretrained))
     return pipeline.TextData(config, tok_lib.load_tokenizer(tok_dir), process_index=process_index,
                              process_count=process_count, tokenizer_dir=tok_dir)
