@@ -4,58 +4,45 @@ Fixtures come from tests/fixtures/make_bert_fixtures.py; no torch is needed here
 """
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax import convert, models, tree
+from ftjax import tree
 from ftjax.models import bert
 from ftjax.tasks import classification
+from tests import family_checks
 from tests.conftest import require_asset
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+FIXTURES = family_checks.FIXTURES
+TINY_DIR = FIXTURES / "bert_tiny_random"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+ref = family_checks.reference_fixture("bert")
 
 
 def _encoder_outputs(model_dir, inputs):
-    cfg = bert.BertConfig.from_hf(models.load_hf_config(model_dir))
-    params = convert.convert_folder(model_dir)["bert"]
-    fn = jax.jit(lambda p, i, m, t: bert.BertModel(cfg).apply({"params": p}, i, m, t))
-    return fn(params, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+    return family_checks.encoder_fn("bert", model_dir)(*(inputs[k] for k in INPUTS))
 
 
-def _assert_close_on_tokens(ours, ref, mask, atol):
-    keep = mask.astype(bool)
-    assert np.abs(np.asarray(ours)[keep] - ref[keep]).max() <= atol
-
-
-def test_tiny_random_matches_pytorch():
-    ref = np.load(FIXTURES / "bert_tiny_random_outputs.npz")
-    seq, pooled = _encoder_outputs(FIXTURES / "bert_tiny_random", ref)
-    _assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
+def test_tiny_random_matches_pytorch(ref):
+    seq, pooled = _encoder_outputs(TINY_DIR, ref)
+    family_checks.assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
     np.testing.assert_allclose(pooled, ref["pooler_output"], atol=1e-4)
 
 
-def test_tiny_random_classifier_logits_match_pytorch():
-    ref = np.load(FIXTURES / "bert_tiny_random_outputs.npz")
-    hf = models.load_hf_config(FIXTURES / "bert_tiny_random")
-    model = classification.build_classifier("bert", hf, num_labels=3)
-    params = convert.convert_folder(FIXTURES / "bert_tiny_random")
-    init = model.init(jax.random.key(0), *(jnp.ones((1, 4), jnp.int32),) * 3)["params"]
-    params = tree.merge(params, init)  # the HF classifier head is converted too: nothing excused
+def test_tiny_random_classifier_logits_match_pytorch(ref):
+    # the HF classifier head is converted too: nothing excused
+    model, params = family_checks.converted_classifier("bert", TINY_DIR)
     logits = model.apply({"params": params}, ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
 
 
-def test_padding_does_not_change_real_tokens():
-    ref = np.load(FIXTURES / "bert_tiny_random_outputs.npz")
-    padded = {k: np.pad(ref[k], ((0, 0), (0, 5))) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    a, pa = _encoder_outputs(FIXTURES / "bert_tiny_random", ref)
-    b, pb = _encoder_outputs(FIXTURES / "bert_tiny_random", padded)
-    _assert_close_on_tokens(np.asarray(b)[:, :11], np.asarray(a), ref["attention_mask"], 1e-5)
-    np.testing.assert_allclose(pa, pb, atol=1e-5)
+def test_padding_does_not_change_real_tokens(ref):
+    family_checks.assert_padding_changes_nothing(family_checks.encoder_fn("bert", TINY_DIR),
+                                                 [ref[k] for k in INPUTS])
 
 
 def test_param_paths_dropout_and_bf16():
@@ -84,7 +71,7 @@ def test_minilm_matches_pytorch():
     folder = require_asset("minilm")
     ref = np.load(FIXTURES / "minilm_outputs.npz")
     seq, pooled = _encoder_outputs(folder, ref)
-    _assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
+    family_checks.assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
     np.testing.assert_allclose(pooled, ref["pooler_output"], atol=1e-4)
 
 

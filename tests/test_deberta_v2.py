@@ -7,19 +7,16 @@ types, separate position projections, raw clipped distances, tanh pooler).
 """
 
 import functools
-import pathlib
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from configs import common
-from ftjax import convert, methods, models, optim, train
-from ftjax import step as step_lib
+from ftjax import convert, methods, models, train
 from ftjax import tree as tree_lib
 from ftjax.convert import deberta_v2 as conv
 from ftjax.convert.safetensors_io import ConvertError
@@ -27,58 +24,40 @@ from ftjax.errors import UserError
 from ftjax.models import deberta_v2
 from ftjax.models.layers import padding_bias
 from ftjax.tasks import classification
-from tests.conftest import tiny_config, write_csv, write_vocab
+from tests import family_checks
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+FIXTURES = family_checks.FIXTURES
 V3_DIR = FIXTURES / "deberta_v2_tiny_random"
 V2_DIR = V3_DIR / "v2_style"
 STYLES = {"v3": (V3_DIR, ""), "v2": (V2_DIR, "v2_")}
 TINY = deberta_v2.TINY_DEBERTA_V2
-TASK2 = classification.Classification(2, ["neg", "pos"])
 
-
-@pytest.fixture(scope="module")
-def ref():
-    return np.load(FIXTURES / "deberta_v2_tiny_random_outputs.npz")
+ref = family_checks.reference_fixture("deberta_v2")
 
 
 def _inputs(ref, prefix):
     return tuple(ref[prefix + k] for k in ("input_ids", "attention_mask", "token_type_ids"))
 
 
-def _zeros_like_init(model, *inputs):
-    """A numpy tree shaped like model.init's params, without compiling the init."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
 @functools.cache
 def _reference_classifier(style):
-    """(params, jitted fn (ids, mask, types) -> (logits, sequence output, pooled)) of a fixture model.
+    """Jitted (ids, mask, types) -> (sequence output, pooled, logits) of a fixture model.
 
     One compile per input shape gives the encoder's outputs and the classifier's logits.
     """
     folder, prefix = STYLES[style]
-    hf = models.load_hf_config(folder)
     num_labels = np.load(FIXTURES / "deberta_v2_tiny_random_outputs.npz")[prefix + "logits"].shape[-1]
-    model = classification.build_classifier("deberta_v2", hf, num_labels=num_labels)
-    x = np.ones((1, 4), np.int32)
     # the HF classifier head is converted too: nothing is excused
-    params = tree_lib.merge(convert.convert_folder(folder, family="deberta_v2"), _zeros_like_init(model, x, x, x))
+    model, params = family_checks.converted_classifier("deberta_v2", folder, num_labels)
 
     @jax.jit
     def run(ids, mask, types):
         logits, state = model.apply({"params": params}, ids, mask, types, mutable=["intermediates"],
                                     capture_intermediates=lambda m, _: isinstance(m, deberta_v2.DebertaV2Model))
         seq, pooled = state["intermediates"]["deberta_v2"]["__call__"][0]
-        return logits, seq, pooled
+        return seq, pooled, logits
 
     return run
-
-
-def _max_diff_on_tokens(ours, ref, mask):
-    keep = mask.astype(bool)
-    return float(np.abs(np.asarray(ours)[keep] - ref[keep]).max())
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -86,19 +65,14 @@ def test_tiny_random_matches_pytorch(style, ref):
     """Hidden states, the pooler's output and DebertaV2ForSequenceClassification's logits."""
     _, prefix = STYLES[style]
     ids, mask, types = _inputs(ref, prefix)
-    logits, seq, pooled = _reference_classifier(style)(ids, mask, types)
-    assert _max_diff_on_tokens(seq, ref[prefix + "last_hidden_state"], mask) <= 1e-4
+    seq, pooled, logits = _reference_classifier(style)(ids, mask, types)
+    family_checks.assert_close_on_tokens(seq, ref[prefix + "last_hidden_state"], mask, 1e-4)
     np.testing.assert_allclose(pooled, ref[prefix + "pooler_output"], atol=1e-4)
     np.testing.assert_allclose(logits, ref[prefix + "logits"], atol=1e-4)
 
 
 def test_padding_does_not_change_real_tokens(ref):
-    ids, mask, types = _inputs(ref, "")
-    run = _reference_classifier("v3")
-    la, a, _ = run(ids, mask, types)
-    lb, b, _ = run(*(np.pad(x, ((0, 0), (0, 5))) for x in (ids, mask, types)))
-    assert _max_diff_on_tokens(np.asarray(b)[:, :ids.shape[1]], np.asarray(a), mask) <= 1e-5
-    np.testing.assert_allclose(la, lb, atol=1e-5)
+    family_checks.assert_padding_changes_nothing(_reference_classifier("v3"), _inputs(ref, ""))
 
 
 @pytest.mark.parametrize("name", ["v3", "tiny_fixture", "tiny_variant"])
@@ -184,8 +158,7 @@ def test_pooler_less_checkpoint_with_unused_positions_loads(tmp_path, monkeypatc
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
     hf = models.load_hf_config(tmp_path / "m")
     model = classification.build_classifier("deberta_v2", hf, num_labels=2)
-    x = np.ones((1, 4), np.int32)
-    fresh = {"params": _zeros_like_init(model, x, x, x)}
+    fresh = {"params": family_checks.zeros_like_init(model)}
     config = common.base_config()
     out = train.load_pretrained_variables(config, deberta_v2.FAMILY, tmp_path / "m", fresh)
     flat, init = tree_lib.flatten(out["params"]), tree_lib.flatten(fresh["params"])
@@ -228,15 +201,6 @@ METHOD_CASES = [
 CASE_IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in a.items())}" for m, a, _, _ in METHOD_CASES]
 
 
-def _method_config(method, **args):
-    c = common.base_config()
-    c.method = method
-    c.method_args.update(args)
-    c.optimizer.lr = 1e-2
-    c.schedule.warmup_steps = 0
-    return c
-
-
 def _batch(seed):
     rs = np.random.RandomState(seed)
     mask = np.ones((4, 7), np.int32)
@@ -251,7 +215,7 @@ def _tiny_model(method, **args):
     Every leaf is random (LayerNorm scales and IA3 vectors around 1): LoRA's B and the
     adapters' up projections are not zero, so every trainable leaf gets a gradient at once.
     """
-    config = _method_config(method, **args)
+    config = family_checks.method_config(method, **args)
     model = classification.build_classifier("deberta_v2", TINY, num_labels=2, peft=methods.peft(config))
     b = _batch(0)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), b["input_ids"], b["attention_mask"],
@@ -273,45 +237,21 @@ def test_every_registered_method_is_covered():
 def test_methods_train_what_their_rules_say(method, args, expected, check):
     config, model, params = _tiny_model(method, **args)
     methods.check_family(config, deberta_v2.FAMILY)
-    layout = models.layout("deberta_v2", TINY)
-    trainable_rules, lr_rules = methods.rules(config, layout)
-    assert optim.trainable_count(params, trainable_rules) == expected
+    opt = family_checks.method_optimizer(config, models.layout("deberta_v2", TINY), params)
+    assert opt.trainable == expected
     if method == "full":
         assert tree_lib.count_params(params) == TOTAL
     if check == "count":
         return
-    starts = methods.start_rules(config, layout, steps_per_epoch=10)
-    tx, _ = optim.make_optimizer(config, params, 10, trainable_rules, lr_rules, starts)
-    mask = tree_lib.tree_from_rules(params, trainable_rules)
-    moves = mask
-    if starts:  # gradual unfreezing: after 2 updates, the head and the groups that start at update 1
-        start_of = tree_lib.tree_from_rules(params, starts)
-        moves = jax.tree.map(lambda t, s: t and s < 2, mask, start_of)
-    before = tree_lib.flatten(params)
     if check == "step":
-        state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                    rng=jax.random.key_data(jax.random.key(1)))
-        fn = jax.jit(step_lib.make_train_step(model, tx, TASK2, trainable=mask))
-        for s in range(2):
-            state, metrics = fn(state, _batch(s))
-        assert np.isfinite(float(metrics["loss"]))
-        new_params = state.params
+        state = family_checks.train_steps(model, opt, params, [_batch(s) for s in range(2)])
+        new_params, opt_state = state.params, state.opt_state
     else:
         rs = np.random.RandomState(1)
-
-        @jax.jit
-        def update(grads, opt_state, p):
-            updates, opt_state = tx.update(grads, opt_state, p)
-            return optax.apply_updates(p, updates), opt_state
-
-        new_params, opt_state = params, tx.init(params)
-        for _ in range(2):
-            grads = jax.tree.map(lambda p: rs.normal(size=p.shape).astype(np.float32), params)
-            new_params, opt_state = update(grads, opt_state, new_params)
-    after, flags = tree_lib.flatten(new_params), tree_lib.flatten(moves)
-    assert any(flags.values()) and (method == "full" or not all(flags.values()))
-    for path, trains in flags.items():
-        assert np.array_equal(before[path], np.asarray(after[path])) != trains, path
+        new_params, opt_state = family_checks.optimizer_steps(
+            opt, params, lambda _: jax.tree.map(lambda p: rs.normal(size=p.shape).astype(np.float32), params), 2)
+    # gradual unfreezing: after 2 updates, the head and the groups that start at update 1 have moved
+    family_checks.assert_trains_exactly(method, opt, tree_lib.flatten(params), new_params, opt_state, 2)
 
 
 def test_lora_and_ia3_merge_exactly_dropout_and_bf16():
@@ -356,30 +296,9 @@ def test_relative_positions_are_shift_invariant():
 
 
 # --- end to end -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {"vocab": write_vocab(d / "tok"), "train": write_csv(d / "train.csv", 48, 0),
-            "dev": write_csv(d / "dev.csv", 20, 1), "test": write_csv(d / "test.csv", 12, 2),
-            "data_dir": d / "tfds"}
+files = family_checks.files_fixture()
 
 
 def test_train_evaluate_and_hf_export_of_the_tiny_variant(files, tmp_path):
-    from ftjax import checkpoint as ckpt_lib
-    from ftjax import export
-
-    config = tiny_config(files, **{"model.family": "deberta_v2", "total_steps": 3, "eval_every_steps": 3,
-                                   "checkpoint_every_steps": 3, "data.bucket_lengths": (16,)})
-    summary = train.train_and_evaluate(config, str(tmp_path / "w"))
-    assert summary["final_step"] == 3 and summary["dev"]["num_examples"] == 20
-    assert np.isfinite(summary["dev"]["loss"])
-    params, meta = ckpt_lib.load_export(tmp_path / "w")
-    assert meta["family"] == "deberta_v2"
-    hf_dir = export.export_hf(str(tmp_path / "w"), str(tmp_path / "hf"))
     # the HF folder converts back to the exported params exactly
-    again = convert.convert_folder(hf_dir, family="deberta_v2")
-    flat, back = tree_lib.flatten(params), tree_lib.flatten(again)
-    assert sorted(flat) == sorted(back)
-    for k in flat:
-        np.testing.assert_array_equal(np.asarray(flat[k]), back[k], err_msg=k)
-    assert models.load_hf_config(hf_dir)["architectures"] == ["DebertaV2ForSequenceClassification"]
+    family_checks.train_and_export(files, tmp_path, "deberta_v2", 3, "DebertaV2ForSequenceClassification")

@@ -3,35 +3,27 @@
 Fixtures come from tests/fixtures/make_distilbert_fixtures.py; no torch is needed here.
 """
 
-import json
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from safetensors.numpy import save_file
 
 from configs import common
-from ftjax import convert, methods, models, optim, train, tree
+from ftjax import convert, methods, models, train, tree
 from ftjax.convert import distilbert as distilbert_convert
 from ftjax.convert.safetensors_io import ConvertError
 from ftjax.errors import UserError, one_line
 from ftjax.models import distilbert
 from ftjax.models.layers import Peft
 from ftjax.tasks import classification
-from tests.conftest import tiny_config, write_csv, write_vocab
+from tests import family_checks
+from tests.family_checks import TASK2, assert_close_on_tokens
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
-FOLDER = FIXTURES / "distilbert_tiny_random"
+FOLDER = family_checks.FIXTURES / "distilbert_tiny_random"
 TINY = distilbert.TINY_DISTILBERT
-TASK2 = classification.Classification(2, ["neg", "pos"])
 
-
-@pytest.fixture(scope="module")
-def ref():
-    return dict(np.load(FIXTURES / "distilbert_tiny_random_outputs.npz"))
+ref = family_checks.reference_fixture("distilbert")
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +31,14 @@ def hf_config():
     return models.load_hf_config(FOLDER)
 
 
-def _zeros_like_init(model, *inputs):
-    """Zero arrays in the shapes of `model`'s params: a fresh init's structure without compiling one."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
 @pytest.fixture(scope="module")
-def classifier(hf_config):
+def classifier():
     """(3-label classifier on the fixture's config, converted params, jitted fn -> (seq, pooled, logits)).
 
     One compile per input shape gives the encoder's outputs and the logits together.
     """
-    model = classification.build_classifier("distilbert", hf_config, num_labels=3)
-    x = jnp.ones((1, 4), jnp.int32)
     # strict merge against the model's structure: the HF head is converted too, nothing excused
-    params = tree.merge(convert.convert_folder(FOLDER, "distilbert"), _zeros_like_init(model, x, x, x))
+    model, params = family_checks.converted_classifier("distilbert", FOLDER)
 
     @jax.jit
     def run(p, ids, mask, types):
@@ -66,16 +50,11 @@ def classifier(hf_config):
     return model, params, run
 
 
-def _max_diff_on_tokens(ours, ref, mask) -> float:
-    keep = mask.astype(bool)
-    return float(np.abs(np.asarray(ours)[keep] - ref[keep]).max())
-
-
 def test_tiny_random_hidden_states_pre_classifier_and_logits_match_pytorch(ref, classifier):
     model, params, run = classifier
     assert model.head_dropout == 0.2  # seq_classif_dropout, not the hidden dropout
     seq, pooled, logits = run(params, ref["input_ids"], ref["attention_mask"], np.zeros_like(ref["input_ids"]))
-    assert _max_diff_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"]) <= 1e-4
+    assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
     np.testing.assert_allclose(pooled, ref["pooler_output"], atol=1e-4)
     assert (np.asarray(pooled) == 0).any() and (np.asarray(pooled) > 0).any()  # the ReLU acted
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
@@ -89,7 +68,7 @@ def test_padding_does_not_change_real_tokens(ref, classifier):
     _, params, run = classifier
     ids, mask = (np.pad(ref[k], ((0, 0), (0, 5))) for k in ("input_ids", "attention_mask"))
     seq, pooled, logits = run(params, ids, mask, np.zeros_like(ids))
-    assert _max_diff_on_tokens(np.asarray(seq)[:, :11], ref["last_hidden_state"], ref["attention_mask"]) <= 1e-4
+    assert_close_on_tokens(np.asarray(seq)[:, :11], ref["last_hidden_state"], ref["attention_mask"], 1e-4)
     np.testing.assert_allclose(pooled, ref["pooler_output"], atol=1e-4)
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
 
@@ -139,8 +118,7 @@ def test_unknown_tensor_is_one_convert_error_line(name):
 def test_masked_lm_checkpoint_without_pre_classifier_loads_with_the_pooler_at_init(hf_config, tmp_path,
                                                                                    monkeypatch):
     monkeypatch.setenv("FTJAX_CACHE", str(tmp_path / "cache"))
-    x = jnp.ones((1, 4), jnp.int32)
-    init = _zeros_like_init(classification.build_classifier("distilbert", hf_config, num_labels=3), x, x, x)
+    init = family_checks.zeros_like_init(classification.build_classifier("distilbert", hf_config, num_labels=3))
     tensors = {k: v for k, v in convert.read_weights(FOLDER).items() if "classifier" not in k}
     tensors["vocab_projector.weight"] = tensors["distilbert.embeddings.word_embeddings.weight"]
     (tmp_path / "mlm").mkdir()
@@ -189,26 +167,14 @@ def test_every_method_has_a_case():
     assert {m for m, _, _ in METHOD_CASES} == set(methods.METHODS)
 
 
-def _method_config(method, **args):
-    c = common.base_config()
-    c.method = method
-    c.method_args.update(args)
-    c.optimizer.lr = 1e-2
-    c.schedule.warmup_steps = 0
-    return c
-
-
 LAYOUT = models.layout("distilbert", TINY)
-_X = jnp.ones((1, 6), jnp.int32)
 
 
 @pytest.mark.parametrize("method,args,expected", METHOD_CASES, ids=[m for m, _, _ in METHOD_CASES])
 def test_trainable_counts_match_the_closed_form(method, args, expected):
-    c = _method_config(method, **args)
-    model = classification.build_classifier("distilbert", TINY, num_labels=2, peft=methods.peft(c))
-    shapes = jax.eval_shape(model.init, jax.random.key(0), _X, _X)["params"]  # the method's own model
-    trainable_rules, _ = methods.rules(c, LAYOUT)
-    assert optim.trainable_count(shapes, trainable_rules) == expected
+    # the method's own model, from shapes alone
+    trainable, _ = family_checks.trainable_counts("distilbert", TINY, family_checks.method_config(method, **args))
+    assert trainable == expected
 
 
 @pytest.fixture(scope="module")
@@ -241,60 +207,23 @@ def every_addition():
 @pytest.mark.parametrize("method,args", [(m, a) for m, a, _ in METHOD_CASES], ids=[m for m, _, _ in METHOD_CASES])
 def test_method_moves_exactly_what_its_rules_say(method, args, every_addition):
     params, grad = every_addition
-    c = _method_config(method, **args)
-    trainable_rules, lr_rules = methods.rules(c, LAYOUT)
-    starts = methods.start_rules(c, LAYOUT, steps_per_epoch=10)
-    tx, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules, starts)
-    moves = tree.tree_from_rules(params, trainable_rules)
-    if starts:  # gradual unfreezing: after two updates only groups starting at step <= 1 have moved
-        moves = jax.tree.map(lambda t, s: t and s < 2, moves, tree.tree_from_rules(params, starts))
-
-    @jax.jit
-    def update(p, g, opt_state):  # the method's optimizer step (frozen leaves: set_to_zero)
-        updates, opt_state = tx.update(g, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state
-
-    new, opt_state = params, tx.init(params)
-    for _ in range(2):
-        new, opt_state = update(new, grad(new), opt_state)
-    moments = sum(x.size for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0) > 0)
-    assert moments == 2 * optim.trainable_count(params, trainable_rules)  # Adam state for trainable leaves only
-    before, after, flags = tree.flatten(params), tree.flatten(new), tree.flatten(moves)
-    for path, trains in flags.items():
-        assert np.array_equal(np.asarray(before[path]), np.asarray(after[path])) != trains, path
-    assert any(flags.values()) and (method == "full" or not all(flags.values()))
+    opt = family_checks.method_optimizer(family_checks.method_config(method, **args), LAYOUT, params)
+    # two updates of the method's optimizer (frozen leaves: set_to_zero); under gradual
+    # unfreezing only groups starting at step <= 1 have moved
+    new, opt_state = family_checks.optimizer_steps(opt, params, grad, 2)
+    family_checks.assert_trains_exactly(method, opt, tree.flatten(params), new, opt_state, 2)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {"vocab": write_vocab(d / "tok"), "train": write_csv(d / "train.csv", 40, 0),
-            "dev": write_csv(d / "dev.csv", 20, 1), "test": write_csv(d / "test.csv", 12, 2),
-            "data_dir": d / "tfds"}
+files = family_checks.files_fixture(train_rows=40)
 
 
 def test_end_to_end_train_evaluate_and_hf_export(files, tmp_path):
-    from ftjax import checkpoint as ckpt_lib
-    from ftjax import export
-
-    c = tiny_config(files, total_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
-                    **{"model.family": "distilbert", "data.bucket_lengths": (16,)})  # one shape: one compile
-    summary = train.train_and_evaluate(c, str(tmp_path / "w"))
-    assert summary["final_step"] == 2 and summary["dev"]["num_examples"] == 20
-    assert np.isfinite(summary["dev"]["loss"]) and summary["test"]["num_examples"] == 12
-    params, meta = ckpt_lib.load_export(tmp_path / "w")
-    assert meta["family"] == "distilbert" and "distilbert" in params
-    out = export.export_hf(str(tmp_path / "w"), str(tmp_path / "hf"))
-    hf = json.loads((out / "config.json").read_text())
-    assert hf["architectures"] == ["DistilBertForSequenceClassification"] and hf["model_type"] == "distilbert"
-    assert hf["dim"] == TINY["dim"] and hf["n_layers"] == TINY["n_layers"]
-    back = tree.flatten(convert.convert_folder(out, "distilbert"))  # our reader of HF folders: the inverse map
-    flat = tree.flatten(params)
-    assert back.keys() == flat.keys()
-    for k in flat:
-        np.testing.assert_array_equal(back[k], flat[k])
+    # 2 steps, one eval shape (one compile); our reader of HF folders (the inverse map) gives the export back
+    run = family_checks.train_and_export(files, tmp_path, "distilbert", 2, "DistilBertForSequenceClassification")
+    assert run.hf["model_type"] == "distilbert"
+    assert run.hf["dim"] == TINY["dim"] and run.hf["n_layers"] == TINY["n_layers"]
     with pytest.raises(UserError, match="pools with 'cls'.*DistilBertForSequenceClassification"):
-        models.family("distilbert").hf_export.check({**meta, "pooling": "cls"})
+        models.family("distilbert").hf_export.check({**run.meta, "pooling": "cls"})
 
 
 def test_family_spec_and_variants():

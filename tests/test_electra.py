@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from configs import common
-from ftjax import convert, methods, models, optim, train
+from ftjax import convert, methods, models, train
 from ftjax import step as step_lib
 from ftjax import tree as tree_lib
 from ftjax.convert import electra as electra_convert
@@ -23,57 +23,36 @@ from ftjax.convert.safetensors_io import ConvertError
 from ftjax.errors import UserError
 from ftjax.models import electra
 from ftjax.tasks import classification
-from tests.conftest import tiny_config, write_csv, write_vocab
+from tests import family_checks
+from tests.family_checks import TASK2
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
-TINY_DIR = FIXTURES / "electra_tiny_random"
-TASK2 = classification.Classification(2, ["neg", "pos"])
+TINY_DIR = family_checks.FIXTURES / "electra_tiny_random"
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
-
-def _ref():
-    return np.load(FIXTURES / "electra_tiny_random_outputs.npz")
+ref = family_checks.reference_fixture("electra")
 
 
-def _encoder_outputs(inputs):
-    cfg = electra.ElectraConfig.from_hf(models.load_hf_config(TINY_DIR))
-    params = convert.convert_folder(TINY_DIR, family="electra")["electra"]
-    fn = jax.jit(lambda p, i, m, t: electra.ElectraModel(cfg).apply({"params": p}, i, m, t))
-    return fn(params, inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
-
-
-def _assert_close_on_tokens(ours, ref, mask, atol):
-    keep = mask.astype(bool)
-    assert np.abs(np.asarray(ours)[keep] - ref[keep]).max() <= atol
+def _encoder():
+    return family_checks.encoder_fn("electra", TINY_DIR)
 
 
 # ---- parity with transformers ----------------------------------------------------------
 
 
-def test_tiny_random_hidden_states_and_pooled_output_match_pytorch():
-    ref = _ref()
-    seq, pooled = _encoder_outputs(ref)
+def test_tiny_random_hidden_states_and_pooled_output_match_pytorch(ref):
+    seq, pooled = _encoder()(*(ref[k] for k in INPUTS))
     assert seq.shape == (3, 11, 32)  # projected from embedding_size 24 to hidden_size 32
-    _assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
+    family_checks.assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
     np.testing.assert_allclose(pooled, ref["pooler_output"], atol=1e-4)  # gelu(classifier.dense(first))
 
 
-def _classifier_params(model):
-    """The fixture's converted params, strictly merged against the classifier's own tree."""
-    x = jnp.ones((1, 4), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x, x))["params"]
-    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    # the HF head converts too (classifier.dense -> pooler, out_proj -> head): nothing excused
-    return tree_lib.merge(convert.convert_folder(TINY_DIR, family="electra"), init)
-
-
 @pytest.fixture(scope="module")
-def classifier_outputs():
+def classifier_outputs(ref):
     """Fixture-model logits in eval mode, in train mode (two dropout keys) and in bfloat16: one compile."""
-    ref = _ref()
-    hf = models.load_hf_config(TINY_DIR)
-    model = classification.build_classifier("electra", hf, num_labels=3)
-    half = classification.build_classifier("electra", hf, num_labels=3, dtype="bfloat16")
-    params = _classifier_params(model)
+    # the HF head converts too (classifier.dense -> pooler, out_proj -> head): nothing excused
+    model, params = family_checks.converted_classifier("electra", TINY_DIR)
+    half = classification.build_classifier("electra", models.load_hf_config(TINY_DIR), num_labels=3,
+                                           dtype="bfloat16")
 
     @jax.jit
     def run(params, key, i, m, t):
@@ -99,13 +78,8 @@ def test_dropout_only_in_training_and_bf16(classifier_outputs):
     assert half.dtype == jnp.float32 and np.allclose(half, eval1, atol=5e-2)
 
 
-def test_padding_does_not_change_real_tokens():
-    ref = _ref()
-    padded = {k: np.pad(ref[k], ((0, 0), (0, 5))) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    a, pa = _encoder_outputs(ref)
-    b, pb = _encoder_outputs(padded)
-    _assert_close_on_tokens(np.asarray(b)[:, :11], np.asarray(a), ref["attention_mask"], 1e-5)
-    np.testing.assert_allclose(pa, pb, atol=1e-5)
+def test_padding_does_not_change_real_tokens(ref):
+    family_checks.assert_padding_changes_nothing(_encoder(), [ref[k] for k in INPUTS])
 
 
 def test_variants_and_config():
@@ -132,8 +106,8 @@ def test_fixture_converts_strictly_and_round_trips_through_to_hf():
     np.testing.assert_array_equal(flat["params/electra/embeddings_project/kernel"],
                                   tensors["electra.embeddings_project.weight"].T)
     np.testing.assert_array_equal(flat["params/head/kernel"], tensors["classifier.out_proj.weight"].T)
-    model = classification.build_classifier("electra", models.load_hf_config(TINY_DIR), num_labels=3)
-    merged = _classifier_params(model)  # raises on any missing, unexpected or misshapen parameter
+    # the strict merge raises on any missing, unexpected or misshapen parameter
+    _, merged = family_checks.converted_classifier("electra", TINY_DIR)
     assert len(tree_lib.flatten(merged)) == len(flat) == len(tensors)
     back = electra_convert.to_hf({k[len("params/"):]: v for k, v in flat.items()})
     assert sorted(back) == sorted(tensors)
@@ -224,13 +198,7 @@ for _m, _a, _ in METHOD_CASES:
 STEPS = 2  # zero-initialised factors (LoRA B, adapter up) give their partners a gradient from step 2
 
 
-def _config(method, **args):
-    c = common.base_config()
-    c.method = method
-    c.method_args.update(args)
-    c.optimizer.lr = 1e-2
-    c.schedule.warmup_steps = 0
-    return c
+_config = family_checks.method_config
 
 
 def _layout():
@@ -255,15 +223,13 @@ def test_every_method_is_covered():
 
 @pytest.mark.parametrize("method,args,expected", METHOD_CASES)
 def test_trainable_counts_match_the_closed_form(method, args, expected):
-    c = _config(method, **args)
-    x = jnp.ones((1, 4), jnp.int32)
-    shapes = jax.eval_shape(lambda: _model(c).init(jax.random.key(0), x, x, x))["params"]
-    assert optim.trainable_count(shapes, methods.rules(c, _layout())[0]) == expected
+    trainable, _ = family_checks.trainable_counts("electra", electra.TINY_ELECTRA, _config(method, **args))
+    assert trainable == expected
 
 
 @pytest.fixture(scope="module")
 def stepped():
-    """Every method's (params before, params after STEPS train steps, trainable mask, start steps).
+    """Every method's (optimizer, params before, state after STEPS train steps, losses).
 
     All methods' train steps run in one jitted function, with dropout off (random bits
     are slow to compile): one compile instead of one per method keeps this module fast on
@@ -275,37 +241,26 @@ def stepped():
     # All inits in one compile; the "unsafe_rbg" generator compiles much faster than threefry.
     init = jax.jit(lambda key, *x: [m.init(key, *x)["params"] for m in models_])
     all_params = init(jax.random.key(0, impl="unsafe_rbg"), b["input_ids"], b["attention_mask"], b["token_type_ids"])
-    steps, states, cases = [], [], []
-    for c, model, params in zip(configs, models_, all_params):
-        trainable_rules, lr_rules = methods.rules(c, _layout())
-        starts = methods.start_rules(c, _layout(), steps_per_epoch=10)
-        tx, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules, starts)
-        mask = tree_lib.tree_from_rules(params, trainable_rules)
-        begin = tree_lib.flatten(tree_lib.tree_from_rules(params, starts)) if starts else {}
-        cases.append(({k: np.asarray(v).copy() for k, v in tree_lib.flatten(params).items()},
-                      tree_lib.flatten(mask), begin))
-        states.append(step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                          rng=jax.random.key_data(jax.random.key(1))))
-        steps.append(step_lib.make_train_step(model, tx, TASK2, trainable=mask))
+    opts = [family_checks.method_optimizer(c, _layout(), params) for c, params in zip(configs, all_params)]
+    befores = [{k: np.asarray(v).copy() for k, v in tree_lib.flatten(params).items()} for params in all_params]
+    states = [family_checks.train_state(params, opt.tx) for params, opt in zip(all_params, opts)]
+    steps = [step_lib.make_train_step(model, opt.tx, TASK2, trainable=opt.mask) for model, opt in zip(models_, opts)]
     fn = jax.jit(lambda ss, batch: tuple(step(s, batch) for step, s in zip(steps, ss)))
     losses = []
     for s in range(STEPS):
         out = fn(tuple(states), _batch(s))
         states = [state for state, _ in out]
         losses.append([float(m["loss"]) for _, m in out])
-    return {method: (*case, tree_lib.flatten(state.params), [row[i] for row in losses])
-            for i, (method, case, state) in enumerate(zip(STEP_CASES, cases, states))}
+    return {method: (opt, before, state, [row[i] for row in losses])
+            for i, (method, opt, before, state) in enumerate(zip(STEP_CASES, opts, befores, states))}
 
 
 @pytest.mark.parametrize("method", list(STEP_CASES))
 def test_method_trains_what_its_rules_say(method, stepped):
-    before, mask, begin, after, losses = stepped[method]
+    opt, before, state, losses = stepped[method]
     assert np.all(np.isfinite(losses))
-    assert any(mask.values()) and (method in ("full", "gradual_unfreezing") or not all(mask.values()))
-    for path, trains in mask.items():
-        moves = trains and begin.get(path, 0) < STEPS
-        unchanged = np.array_equal(before[path], np.asarray(after[path]))
-        assert unchanged != moves, path  # frozen or not yet started: bitwise equal; trainable: moved
+    # frozen or not yet started: bitwise equal; trainable: moved; Adam moments for the trainable leaves only
+    family_checks.assert_trains_exactly(method, opt, before, state.params, state.opt_state, STEPS)
 
 
 def test_embeddings_project_is_in_the_embeddings_group():
@@ -328,7 +283,7 @@ def test_embeddings_project_is_in_the_embeddings_group():
 
 def test_prompt_starts_from_vocabulary_embeddings(stepped):
     # the prompt lives before embeddings_project: vocabulary rows (embedding_size wide) fit it
-    before = stepped["prompt"][0]
+    before = stepped["prompt"][1]
     params = tree_lib.unflatten(before)
     out = methods.post_load(_config("prompt", **STEP_CASES["prompt"]), params, tokenizer=None)
     words = np.asarray(out["electra"]["embeddings"]["word_embeddings"]["embedding"])
@@ -341,12 +296,7 @@ def test_prompt_starts_from_vocabulary_embeddings(stepped):
 # ---- end to end ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {"vocab": write_vocab(d / "tok"), "train": write_csv(d / "train.csv", 48, 0),
-            "dev": write_csv(d / "dev.csv", 20, 1), "test": write_csv(d / "test.csv", 12, 2),
-            "data_dir": d / "tfds"}
+files = family_checks.files_fixture()
 
 
 def _discriminator_folder(folder: pathlib.Path) -> pathlib.Path:
@@ -387,31 +337,19 @@ def test_pooler_loads_when_present_and_is_optional_otherwise(tmp_path, monkeypat
 
 
 def test_fine_tunes_a_discriminator_checkpoint_and_exports_to_hf(files, tmp_path, monkeypatch):
-    from ftjax import checkpoint as ckpt_lib
-    from ftjax import export
-
     monkeypatch.setenv("FTJAX_CACHE", str(tmp_path / "cache"))
     pretrained = _discriminator_folder(tmp_path / "disc")
-    workdir = tmp_path / "run"
-    c = tiny_config(files, **{"model.family": "electra", "model.pretrained": str(pretrained),
-                              "total_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4})
-    summary = train.train_and_evaluate(c, str(workdir))
-    assert summary["final_step"] == 4 and summary["dev"]["num_examples"] == 20
-    assert 0.0 <= summary["dev"]["accuracy"] <= 1.0
-    losses = [json.loads(r)["train/loss"] for r in (workdir / "metrics.jsonl").read_text().splitlines()
+    # 4 steps over both train buckets; the HF folder converts back to exactly the exported params
+    run = family_checks.train_and_export(files, tmp_path, "electra", 4, "ElectraForSequenceClassification",
+                                         **{"model.pretrained": str(pretrained), "data.bucket_lengths": (8, 16)})
+    assert 0.0 <= run.summary["dev"]["accuracy"] <= 1.0
+    losses = [json.loads(r)["train/loss"] for r in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))
-    params, _ = ckpt_lib.load_export(str(workdir))
-    flat = tree_lib.flatten(params)
+    flat = tree_lib.flatten(run.params)
     # the encoder came from the checkpoint (fine-tuning moved it a little), the pooler was initialised
     word = load_file(str(pretrained / "model.safetensors"))["electra.embeddings.word_embeddings.weight"]
     assert np.abs(np.asarray(flat["electra/embeddings/word_embeddings/embedding"]) - word).max() < 0.05
-    hf_dir = export.export_hf(str(workdir), str(tmp_path / "hf"))
-    hf = json.loads((hf_dir / "config.json").read_text())
-    assert hf["architectures"] == ["ElectraForSequenceClassification"] and hf["num_labels"] == 2
-    exported = load_file(str(hf_dir / "model.safetensors"))
+    assert run.hf["num_labels"] == 2
+    exported = load_file(str(run.hf_dir / "model.safetensors"))
     assert {k for k in exported if k.startswith("classifier.")} == set(electra_convert._HEAD)
-    back = tree_lib.flatten(tree_lib.unflatten(electra_convert.convert(exported))["params"])
-    assert sorted(back) == sorted(flat)
-    for k, v in flat.items():
-        np.testing.assert_array_equal(back[k], np.asarray(v, np.float32), err_msg=k)

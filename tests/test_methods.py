@@ -5,40 +5,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
 from ftjax import checkpoint as ckpt_lib
 from ftjax import methods, optim
 from ftjax import step as step_lib
 from ftjax import tree as tree_lib
 from ftjax.errors import UserError
-from ftjax.tasks import classification
 from ftjax.models import bert
+from tests import family_checks
+from tests.family_checks import TASK2
 
 MINILM = {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
           "intermediate_size": 1536, "max_position_embeddings": 512, "type_vocab_size": 2}
 
-TASK2 = classification.Classification(2, ["neg", "pos"])
-
-
-def _config(method, **args):
-    c = common.base_config()
-    c.method = method
-    c.method_args.update(args)
-    c.optimizer.lr = 1e-2
-    c.schedule.warmup_steps = 0
-    return c
+_config = family_checks.method_config
 
 
 def _shapes(hf, config, num_labels=2):
-    model = classification.build_classifier("bert", hf, num_labels=num_labels, peft=methods.peft(config))
-    x = jnp.ones((1, 4), jnp.int32)
-    return model, jax.eval_shape(lambda: model.init(jax.random.key(0), x, x, x))["params"]
+    """(the BERT classifier with the method's additions, its param shapes)."""
+    return family_checks.abstract_classifier("bert", hf, config, num_labels)
 
 
 def _trainable(hf, config):
-    _, shapes = _shapes(hf, config)
-    rules, _ = methods.rules(config, hf["num_hidden_layers"])
-    return optim.trainable_count(shapes, rules), tree_lib.count_params(shapes)
+    """(trainable, all) params; the rules take the layer count as the layout."""
+    return family_checks.trainable_counts("bert", hf, config, layout=hf["num_hidden_layers"])
 
 
 HEAD = 384 * 2 + 2

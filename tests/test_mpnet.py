@@ -3,76 +3,51 @@
 Fixtures come from tests/fixtures/make_mpnet_fixtures.py; no torch is needed here.
 """
 
-import json
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
-from ftjax import checkpoint, convert, export, methods, models, optim, train, tree
-from ftjax import step as step_lib
+from ftjax import convert, methods, models, tree
 from ftjax.convert import mpnet as mpnet_convert
 from ftjax.convert.safetensors_io import ConvertError, read_safetensors_folder
 from ftjax.errors import UserError
 from ftjax.models import mpnet
 from ftjax.tasks import classification
-from tests.conftest import require_asset, tiny_config, write_csv, write_vocab
+from tests import family_checks
+from tests.conftest import require_asset
+from tests.family_checks import assert_close_on_tokens
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+FIXTURES = family_checks.FIXTURES
 TINY_DIR = FIXTURES / "mpnet_tiny_random"
-TASK2 = classification.Classification(2, ["neg", "pos"])
+
+ref = family_checks.reference_fixture("mpnet")
 
 
-@pytest.fixture(scope="module")
-def ref():
-    return dict(np.load(FIXTURES / "mpnet_tiny_random_outputs.npz"))
-
-
-@pytest.fixture(scope="module")
-def encoder_fn():
+def _encoder():
     """(input_ids, attention_mask) -> (sequence, pooled) of the tiny random fixture, jitted."""
-    cfg = mpnet.MPNetConfig.from_hf(models.load_hf_config(TINY_DIR))
-    params = convert.convert_folder(TINY_DIR, "mpnet")["mpnet"]
-    fn = jax.jit(lambda p, i, m: mpnet.MPNetModel(cfg).apply({"params": p}, i, m))
-    return lambda ids, mask: fn(params, ids, mask)
+    return family_checks.encoder_fn("mpnet", TINY_DIR)
 
 
-def _assert_close_on_tokens(ours, ref_values, mask, atol):
-    keep = mask.astype(bool)
-    assert np.abs(np.asarray(ours)[keep] - ref_values[keep]).max() <= atol
-
-
-def test_tiny_random_matches_pytorch(ref, encoder_fn):
-    seq, pooled = encoder_fn(ref["input_ids"], ref["attention_mask"])
-    _assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
+def test_tiny_random_matches_pytorch(ref):
+    seq, pooled = _encoder()(ref["input_ids"], ref["attention_mask"])
+    assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
     np.testing.assert_allclose(pooled, ref["pooled"], atol=1e-4)  # tanh(classifier.dense(<s>))
 
 
 def test_tiny_random_classifier_logits_match_pytorch(ref):
-    hf = models.load_hf_config(TINY_DIR)
-    model = classification.build_classifier("mpnet", hf, num_labels=3)
-    params = convert.convert_folder(TINY_DIR, "mpnet")
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *(jnp.ones((1, 4), jnp.int32),) * 3))["params"]
-    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    params = tree.merge(params, init)  # strict: the HF classifier converts with nothing missing or extra
+    # strict: the HF classifier converts with nothing missing or extra
+    model, params = family_checks.converted_classifier("mpnet", TINY_DIR)
     logits = jax.jit(model.apply)({"params": params}, ref["input_ids"], ref["attention_mask"], None)
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
 
 
-def test_padding_does_not_change_real_tokens(ref, encoder_fn):
-    ids = np.pad(ref["input_ids"], ((0, 0), (0, 5)), constant_values=mpnet.PADDING_IDX)
-    mask = np.pad(ref["attention_mask"], ((0, 0), (0, 5)))
-    a, pa = encoder_fn(ref["input_ids"], ref["attention_mask"])
-    b, pb = encoder_fn(ids, mask)
-    width = ref["input_ids"].shape[1]
-    _assert_close_on_tokens(np.asarray(b)[:, :width], np.asarray(a), ref["attention_mask"], 1e-5)
-    np.testing.assert_allclose(pa, pb, atol=1e-5)
+def test_padding_does_not_change_real_tokens(ref):
+    _, (b, pb), (ids, mask) = family_checks.assert_padding_changes_nothing(
+        _encoder(), (ref["input_ids"], ref["attention_mask"]), pad_id=mpnet.PADDING_IDX)
     # masked filler that is not <pad> (a pipeline padding with another id) changes nothing either
-    c, pc = encoder_fn(np.where(mask > 0, ids, 4), mask)
-    _assert_close_on_tokens(np.asarray(c), np.asarray(b), mask, 1e-5)
+    c, pc = _encoder()(np.where(mask > 0, ids, 4), mask)
+    assert_close_on_tokens(c, b, mask, 1e-5)
     np.testing.assert_allclose(pc, pb, atol=1e-5)
 
 
@@ -109,8 +84,7 @@ def test_converter_maps_every_name_and_round_trips():
     # a masked-LM checkpoint (no pooler) fits once the family's `optional` excuses the pooler
     del bare["pooler.dense.weight"], bare["pooler.dense.bias"]
     model = classification.build_classifier("mpnet", models.load_hf_config(TINY_DIR), num_labels=3)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *(jnp.ones((1, 4), jnp.int32),) * 3))["params"]
-    init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    init = family_checks.zeros_like_init(model)
     loaded = tree.unflatten({k[len("params/"):]: v for k, v in mpnet_convert.convert(bare).items()})
     with pytest.raises(tree.MergeError, match="mpnet/pooler/kernel"):
         tree.merge(loaded, init, dont_load=(r"head/.*",))
@@ -180,15 +154,6 @@ METHOD_CASES = [
 ]
 
 
-def _method_config(method, args):
-    c = common.base_config()
-    c.method = method
-    c.method_args.update(args)
-    c.optimizer.lr = 1e-2
-    c.schedule.warmup_steps = 0
-    return c
-
-
 def _batch(seed):
     rs = np.random.RandomState(seed)
     ids = rs.randint(3, V, (4, 10)).astype(np.int32)
@@ -199,7 +164,7 @@ def _batch(seed):
 
 
 def _model(method, args):
-    c = _method_config(method, args)
+    c = family_checks.method_config(method, **args)
     hf = models.variant_config("mpnet", "tiny")
     return c, models.layout("mpnet", hf), classification.build_classifier("mpnet", hf, num_labels=2,
                                                                           peft=methods.peft(c))
@@ -214,11 +179,9 @@ def _init(model, shapes_only=False):
 @pytest.mark.parametrize("method,args,trainable,added", METHOD_CASES,
                          ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in a.items())}" for m, a, _, _ in METHOD_CASES])
 def test_trainable_counts_match_the_closed_form(method, args, trainable, added):
-    c, layout, model = _model(method, args)
-    shapes = _init(model, shapes_only=True)
-    trainable_rules, _ = methods.rules(c, layout)
-    assert optim.trainable_count(shapes, trainable_rules) == trainable
-    assert tree.count_params(shapes) == TOTAL + added
+    counts = family_checks.trainable_counts("mpnet", models.variant_config("mpnet", "tiny"),
+                                            family_checks.method_config(method, **args))
+    assert counts == (trainable, TOTAL + added)
 
 
 def test_layerwise_lr_decay_puts_the_relative_bias_at_the_bottom():
@@ -280,51 +243,24 @@ def test_every_method_is_covered():
 def test_method_trains_exactly_its_rules(method, args):
     c, layout, model = _model(method, args)
     params = _init(model)
-    trainable_rules, lr_rules = methods.rules(c, layout)
-    tx, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules)
-    mask = tree.tree_from_rules(params, trainable_rules)
+    opt = family_checks.method_optimizer(c, layout, params)
     before = {k: np.asarray(v).copy() for k, v in tree.flatten(params).items()}
-    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                rng=jax.random.key_data(jax.random.key(1)))
-    step = jax.jit(step_lib.make_train_step(model, tx, TASK2, trainable=mask))
-    for s in range(3):  # LoRA's A and an adapter's down projection move from the second step
-        state, metrics = step(state, _batch(s))
-    assert np.isfinite(float(metrics["loss"]))
-    after, flags = tree.flatten(state.params), tree.flatten(mask)
-    assert any(flags.values()) and (method == "full" or not all(flags.values()))
-    for path, trains in flags.items():
-        unchanged = np.array_equal(before[path], np.asarray(after[path]))
-        assert unchanged != trains, path  # frozen: bitwise equal; trainable: moved
+    # LoRA's A and an adapter's down projection move from the second step
+    state = family_checks.train_steps(model, opt, params, [_batch(s) for s in range(3)])
+    # frozen: bitwise equal; trainable: moved; Adam moments for the trainable leaves only
+    family_checks.assert_trains_exactly(method, opt, before, state.params, state.opt_state, 3)
 
 
 # ---- end to end: train on CSV data, export to HF layout, read the export back ---------------
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {"vocab": write_vocab(d / "tok"), "train": write_csv(d / "train.csv", 48, 0),
-            "dev": write_csv(d / "dev.csv", 20, 1), "test": write_csv(d / "test.csv", 12, 2),
-            "data_dir": d / "tfds"}
+files = family_checks.files_fixture()
 
 
 def test_train_export_and_reload(files, tmp_path):
-    workdir = tmp_path / "run"
-    config = tiny_config(files, **{"model.family": "mpnet", "total_steps": 3, "eval_every_steps": 3,
-                                   "checkpoint_every_steps": 3, "data.bucket_lengths": (16,)})
-    summary = train.train_and_evaluate(config, str(workdir))
-    assert summary["final_step"] == 3 and summary["dev"]["num_examples"] == 20
-    assert np.isfinite(summary["dev"]["loss"])
-    hf_dir = export.export_hf(str(workdir), str(tmp_path / "hf"))
-    hf = json.loads((hf_dir / "config.json").read_text())
-    assert hf["architectures"] == ["MPNetForSequenceClassification"] and hf["model_type"] == "mpnet"
-    assert mpnet.MPNetConfig.from_hf(hf) == mpnet.MPNetConfig.from_hf(mpnet.TINY_MPNET)
     # the HF folder converts back to exactly the params ftjax exported
-    params, _ = checkpoint.load_export(str(workdir))
-    back = tree.flatten(convert.convert_folder(hf_dir, "mpnet"))
-    ours = tree.flatten(params)
-    assert set(back) == set(ours)
-    for k, v in ours.items():
-        np.testing.assert_array_equal(back[k], np.asarray(v, np.float32), err_msg=k)
+    run = family_checks.train_and_export(files, tmp_path, "mpnet", 3, "MPNetForSequenceClassification")
+    assert run.hf["model_type"] == "mpnet"
+    assert mpnet.MPNetConfig.from_hf(run.hf) == mpnet.MPNetConfig.from_hf(mpnet.TINY_MPNET)
 
 
 # ---- the real model: all-mpnet-base-v2's sentence embeddings ------------------------------

@@ -13,56 +13,39 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from configs import common
-from ftjax import checkpoint as ckpt_lib
-from ftjax import convert, export, methods, models, optim, train, tree
-from ftjax import step as step_lib
+from ftjax import methods, models, train, tree
 from ftjax.convert import roberta as roberta_convert
 from ftjax.convert.safetensors_io import ConvertError
 from ftjax.errors import UserError, one_line
 from ftjax.models import roberta
 from ftjax.models.layers import Peft
 from ftjax.tasks import classification
-from tests.conftest import WORDS, tiny_config, write_csv
+from tests import family_checks
+from tests.conftest import WORDS
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
-MODEL_DIR = FIXTURES / "roberta_tiny_random"
+MODEL_DIR = family_checks.FIXTURES / "roberta_tiny_random"
 PAD = 1
 
-
-@pytest.fixture(scope="module")
-def ref():
-    return dict(np.load(FIXTURES / "roberta_tiny_random_outputs.npz"))
+ref = family_checks.reference_fixture("roberta")
 
 
-@pytest.fixture(scope="module")
-def encoder_fn():
+def _encoder():
     """The fixture's encoder, jitted once: (input_ids, attention_mask) -> (sequence, pooled)."""
-    cfg = roberta.RobertaConfig.from_hf(models.load_hf_config(MODEL_DIR))
-    params = convert.convert_folder(MODEL_DIR, "roberta")["roberta"]
-    fn = jax.jit(lambda p, i, m: roberta.RobertaModel(cfg).apply({"params": p}, i, m, jnp.zeros_like(i)))
-    return lambda ids, mask: tuple(np.asarray(x) for x in fn(params, ids, mask))
-
-
-def _max_diff_on_tokens(ours, ref, mask):
-    keep = mask.astype(bool)
-    return float(np.abs(ours[keep] - ref[keep]).max())
+    return family_checks.encoder_fn("roberta", MODEL_DIR)
 
 
 # ---- parity with transformers ---------------------------------------------------------------------------
 
-def test_tiny_random_matches_pytorch(ref, encoder_fn):
-    seq, pooled = encoder_fn(ref["input_ids"], ref["attention_mask"])
-    assert _max_diff_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"]) <= 1e-4
+def test_tiny_random_matches_pytorch(ref):
+    seq, pooled = _encoder()(ref["input_ids"], ref["attention_mask"])
+    family_checks.assert_close_on_tokens(seq, ref["last_hidden_state"], ref["attention_mask"], 1e-4)
     # every row, the left-padded one too (its <s> is not first: HF pools position 0 regardless)
     np.testing.assert_allclose(pooled, ref["pooled"], atol=1e-4)
 
 
 def test_tiny_random_classifier_logits_match_pytorch(ref):
-    model = classification.build_classifier("roberta", models.load_hf_config(MODEL_DIR), num_labels=3)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *(jnp.ones((1, 4), jnp.int32),) * 3))["params"]
     # the converted checkpoint fits the model exactly: nothing missing, unexpected or excused
-    params = tree.merge(convert.convert_folder(MODEL_DIR, "roberta"),
-                        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    model, params = family_checks.converted_classifier("roberta", MODEL_DIR)
     logits = jax.jit(model.apply)({"params": params}, ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
     np.testing.assert_allclose(logits, ref["logits"], atol=1e-4)
 
@@ -72,19 +55,17 @@ def test_positions_count_real_tokens_after_the_padding_id():
     np.testing.assert_array_equal(roberta.position_ids(ids, PAD), [[2, 3, 4, 1, 1], [1, 1, 2, 3, 4]])
 
 
-def test_padding_does_not_change_real_tokens(ref, encoder_fn):
+def test_padding_does_not_change_real_tokens(ref):
     ids, mask = ref["input_ids"], ref["attention_mask"]
-    a, pa = encoder_fn(ids, mask)
-    b, pb = encoder_fn(np.pad(ids, ((0, 0), (0, 5)), constant_values=PAD), np.pad(mask, ((0, 0), (0, 5))))
-    assert _max_diff_on_tokens(b[:, :12], a, mask) <= 1e-5
-    np.testing.assert_allclose(pa, pb, atol=1e-5)
+    (a, _), _, _ = family_checks.assert_padding_changes_nothing(_encoder(), (ids, mask), pad_id=PAD)
     # Row 2 is left-padded: its tokens alone, unpadded, give the same outputs, since positions skip padding.
     real = mask[2].astype(bool)
-    alone, _ = encoder_fn(ids[2:3, real], mask[2:3, real])
+    alone, _ = _encoder()(ids[2:3, real], mask[2:3, real])
     np.testing.assert_allclose(alone[0], a[2, real], atol=1e-5)
 
 
-def test_too_long_input_is_one_user_error(ref, encoder_fn):
+def test_too_long_input_is_one_user_error():
+    encoder_fn = _encoder()
     cfg = roberta.RobertaConfig.from_hf(models.load_hf_config(MODEL_DIR))
     assert cfg.max_length == 20 - PAD - 1  # max_position_embeddings 20
     ids = np.full((1, cfg.max_length), 5, np.int32)
@@ -201,7 +182,6 @@ METHOD_CASES = [
     ("prompt", {"prompt_tokens": 3}, 3 * H + HEAD),
     ("prefix", {"prefix_tokens": 2}, 2 * L * 2 * H + HEAD),
 ]
-TASK2 = classification.Classification(2, ["neg", "pos"])
 # Every method's additions at once, with the small sizes above: one init (XLA compiles are
 # the cost here) from which each method's model takes its own parameters.
 ALL_ADDITIONS = Peft(lora_rank=2, ia3=True, adapter="houlsby", adapter_size=4, prompt_tokens=3, prefix_tokens=2)
@@ -234,41 +214,21 @@ def test_every_method_is_covered():
 
 @pytest.mark.parametrize("method,args,expected", METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
 def test_method_trains_exactly_what_it_says(method, args, expected, all_params):
-    c = common.base_config()
-    c.method = method
-    c.method_args.update(args)
-    c.optimizer.lr = 1e-2
-    c.schedule.warmup_steps = 0
+    c = family_checks.method_config(method, **args)
     model, batch = _build(methods.peft(c)), _batch()
     shapes = tree.flatten(jax.eval_shape(lambda: model.init(
         jax.random.key(0), batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))["params"])
     assert all(all_params[k].shape == s.shape for k, s in shapes.items())
     params = tree.unflatten({k: jnp.asarray(all_params[k]) for k in shapes})
-    layout = models.layout("roberta", roberta.TINY_ROBERTA)
-    trainable_rules, lr_rules = methods.rules(c, layout)
-    starts = methods.start_rules(c, layout, steps_per_epoch=10)
-    assert optim.trainable_count(params, trainable_rules) == expected
-    tx, _ = optim.make_optimizer(c, params, 10, trainable_rules, lr_rules, starts)
-    mask = tree.tree_from_rules(params, trainable_rules)
-    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                rng=jax.random.key_data(jax.random.key(1)))
-    step = jax.jit(step_lib.make_train_step(model, tx, TASK2, trainable=mask))
+    opt = family_checks.method_optimizer(c, models.layout("roberta", roberta.TINY_ROBERTA), params)
+    assert opt.trainable == expected
     # two updates: zero-initialised LoRA B / adapter "up" pass gradient to A / "down" from the second on
-    for _ in range(2):
-        state, metrics = step(state, batch)
-    assert np.isfinite(float(metrics["loss"]))
-    moves = tree.flatten(mask)
-    if starts:  # gradual unfreezing: after updates 0 and 1, the groups that started by update 1
-        start_of = tree.flatten(tree.tree_from_rules(params, starts))
-        moves = {k: t and start_of[k] < 2 for k, t in moves.items()}
+    state = family_checks.train_steps(model, opt, params, [batch, batch])
+    # frozen leaves bitwise equal, trainable ones moved, Adam's two moments for the trainable leaves only
+    moves = family_checks.assert_trains_exactly(method, opt, all_params, state.params, state.opt_state, 2)
+    if opt.start_of:  # gradual unfreezing: after updates 0 and 1, the groups that started by update 1
         assert moves["head/kernel"] and moves["roberta/pooler/kernel"]
         assert not moves["roberta/encoder/layer_0/output/bias"]
-    else:  # Adam's two moments for the trainable leaves only
-        moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0)
-        assert moments == 2 * expected
-    after = tree.flatten(state.params)
-    for path, trains in moves.items():
-        assert np.array_equal(all_params[path], np.asarray(after[path])) != trains, path
 
 
 # ---- end to end -----------------------------------------------------------------------------------------
@@ -289,27 +249,14 @@ def _write_roberta_tokenizer(folder: pathlib.Path) -> pathlib.Path:
 
 
 def test_train_evaluate_and_hf_export(tmp_path):
-    files = {"vocab": _write_roberta_tokenizer(tmp_path / "tok"), "train": write_csv(tmp_path / "train.csv", 48, 0),
-             "dev": write_csv(tmp_path / "dev.csv", 20, 1), "test": write_csv(tmp_path / "test.csv", 12, 2),
-             "data_dir": tmp_path / "tfds"}
-    workdir = tmp_path / "w"
-    config = tiny_config(files, **{"model.family": "roberta", "total_steps": 3, "eval_every_steps": 3,
-                                   "data.bucket_lengths": (16,)})  # one bucket: one eval compile
-    summary = train.train_and_evaluate(config, str(workdir))
-    assert summary["final_step"] == 3 and summary["dev"]["num_examples"] == 20
-    assert summary["test"]["num_examples"] == 12 and np.isfinite(summary["dev"]["loss"])
-    hf_dir = export.export_hf(str(workdir), str(tmp_path / "hf"))
-    hf = json.loads((hf_dir / "config.json").read_text())
-    assert hf["architectures"] == ["RobertaForSequenceClassification"] and hf["model_type"] == "roberta"
-    assert hf["pad_token_id"] == PAD and hf["id2label"] == {"0": "neg", "1": "pos"}
-    assert (hf_dir / "tokenizer.json").is_file()
-    written = load_file(str(hf_dir / "model.safetensors"))
+    files = family_checks.data_files(tmp_path, vocab=_write_roberta_tokenizer(tmp_path / "tok"))
+    # 3 steps, one eval bucket (one eval compile); the HF folder converts back to the exported params
+    run = family_checks.train_and_export(files, tmp_path, "roberta", 3, "RobertaForSequenceClassification")
+    assert run.hf["model_type"] == "roberta"
+    assert run.hf["pad_token_id"] == PAD and run.hf["id2label"] == {"0": "neg", "1": "pos"}
+    assert (run.hf_dir / "tokenizer.json").is_file()
+    written = load_file(str(run.hf_dir / "model.safetensors"))
     # the names of a RobertaForSequenceClassification checkpoint (the fixture is one)
     assert sorted(written) == sorted(load_file(str(MODEL_DIR / "model.safetensors")))
-    # and it converts back to the exported params
-    exported, _ = ckpt_lib.load_export(str(workdir))
-    again = {k[len("params/"):]: v for k, v in roberta_convert.convert(written).items()}
-    for path, arr in tree.flatten(exported).items():
-        np.testing.assert_array_equal(again[path], np.asarray(arr), err_msg=path)
     with pytest.raises(UserError, match="pooling=pooler"):
         models.family("roberta").hf_export.check({"pooling": "mean"})

@@ -6,11 +6,16 @@ Parameter paths (methods and optimizer rules target these by regex):
   encoder/layer_{i}/attention_LayerNorm/{scale,bias}
   encoder/layer_{i}/{intermediate,output}/{kernel,bias}, encoder/layer_{i}/output_LayerNorm/{scale,bias}
   pooler/{kernel,bias}
+
+The other post-LN text families (RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2, MPNet) build on
+the pieces here: `Block` / `post_attention` (a layer after its attention), `Embeddings`,
+`TextEncoder` / `encode` (prompt, layers, pooler), `encoder_of` and `pooler_export`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,8 +23,20 @@ import jax.numpy as jnp
 
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
-from ftjax.models.layers import (ACTIVATIONS, Adapter, Dense, Peft, PrefixEncoder, SelfAttention,
-                                  config_from_hf, padding_bias, prepend_prompt)
+from ftjax.models.layers import (
+    ACTIVATIONS,
+    Adapter,
+    Peft,
+    PrefixEncoder,
+    SelfAttention,
+    check_absolute_positions,
+    check_heads,
+    config_from_hf,
+    layer_norm,
+    normal_dense,
+    padding_bias,
+    prepend_prompt,
+)
 from ftjax.models.layout import bert_layout
 
 # Small enough that a train step compiles in about a second on a CPU.
@@ -53,76 +70,107 @@ class BertConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "BertConfig":
         """Builds the config from a config.json dict, ignoring unrelated keys."""
         cfg = config_from_hf(cls, hf)
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise UserError(f"position_embedding_type={hf['position_embedding_type']!r}: only absolute is supported")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise UserError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                            f"num_attention_heads {cfg.num_attention_heads}")
+        check_absolute_positions(hf)
+        check_heads(cfg.hidden_size, cfg.num_attention_heads)
         return cfg
 
 
-def _dense(cfg: BertConfig, features: int, name: str, dtype, peft: Peft) -> Dense:
-    return Dense(features, name=name, dtype=dtype, peft=peft,
-                 kernel_init=nn.initializers.normal(cfg.initializer_range))
+class Block(nn.Module):
+    """The fields of a transformer layer and of a stack of them (BERT's and DeBERTa's).
 
+    Attributes:
+      config: the family's config (BERT names: hidden_size, num_attention_heads, ...).
+      dropout: the hidden dropout.
+      attention_dropout: dropout on the attention probabilities.
+      dtype: compute dtype (parameters stay float32).
+      peft: parameter-efficient additions switched on by a fine-tuning method.
+    """
 
-def _layer_norm(cfg: BertConfig, name: str, dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, dtype=dtype, param_dtype=jnp.float32)
-
-
-class Layer(nn.Module):
-    config: BertConfig
+    config: Any
     dropout: float
     attention_dropout: float
     dtype: Any = jnp.float32
     peft: Peft = Peft()
+
+
+def post_attention(layer: Block, x, attn, *, train: bool, attention_residual_dropout: bool = True):
+    """The rest of a post-LN transformer layer after its self-attention, with the PEFT hooks.
+
+    [Houlsby adapter] -> residual -> "attention_LayerNorm" -> FFN ("intermediate", act,
+    IA3 "ia3_ffn", "output", [adapter]) -> residual -> "output_LayerNorm". Call it inside
+    `layer`'s compact __call__: every module and param is `layer`'s own, so the
+    parameter paths and dropout streams are those of a layer that wrote it inline.
+
+    Args:
+      layer: the calling layer.
+      x: the layer input [B, L, H].
+      attn: the attention output (after its output projection) [B, L, H].
+      train: dropout on.
+      attention_residual_dropout: drop out `attn` before its residual (DistilBERT does not).
+
+    Returns:
+      The layer output [B, L, H].
+    """
+    cfg, peft, dtype = layer.config, layer.peft, layer.dtype
+    drop = nn.Dropout(layer.dropout, deterministic=not train)
+    if peft.adapter == "houlsby":
+        attn = Adapter(peft.adapter_size, peft.adapter_init_std, dtype, name="attention_adapter")(attn)
+    x = layer_norm(cfg, "attention_LayerNorm", dtype)(x + (drop(attn) if attention_residual_dropout else attn))
+    h = normal_dense(cfg, cfg.intermediate_size, "intermediate", dtype, peft)(x, train=train)
+    h = ACTIVATIONS[cfg.hidden_act](h)
+    if peft.ia3:
+        h = h * layer.param("ia3_ffn", nn.initializers.ones, (cfg.intermediate_size,), jnp.float32).astype(h.dtype)
+    h = normal_dense(cfg, cfg.hidden_size, "output", dtype, peft)(h, train=train)
+    if peft.adapter in ("houlsby", "pfeiffer"):
+        h = Adapter(peft.adapter_size, peft.adapter_init_std, dtype, name="output_adapter")(h)
+    return layer_norm(cfg, "output_LayerNorm", dtype)(x + drop(h))
+
+
+class Layer(Block):
     attention_residual_dropout: bool = True  # DistilBERT adds the attention output undropped
 
     @nn.compact
     def __call__(self, x, bias, *, train: bool, prefix=None):
-        cfg, peft = self.config, self.peft
-        drop = nn.Dropout(self.dropout, deterministic=not train)
-        attn = SelfAttention(cfg, self.attention_dropout, self.dtype, peft, name="attention")(
+        attn = SelfAttention(self.config, self.attention_dropout, self.dtype, self.peft, name="attention")(
             x, bias, train=train, prefix=prefix)
-        if peft.adapter == "houlsby":
-            attn = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="attention_adapter")(attn)
-        x = _layer_norm(cfg, "attention_LayerNorm", self.dtype)(
-            x + (drop(attn) if self.attention_residual_dropout else attn))
-        h = _dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, peft)(x, train=train)
-        h = ACTIVATIONS[cfg.hidden_act](h)
-        if peft.ia3:
-            h = h * self.param("ia3_ffn", nn.initializers.ones, (cfg.intermediate_size,), jnp.float32).astype(h.dtype)
-        h = _dense(cfg, cfg.hidden_size, "output", self.dtype, peft)(h, train=train)
-        if peft.adapter in ("houlsby", "pfeiffer"):
-            h = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="output_adapter")(h)
-        return _layer_norm(cfg, "output_LayerNorm", self.dtype)(x + drop(h))
+        return post_attention(self, x, attn, train=train, attention_residual_dropout=self.attention_residual_dropout)
 
 
 class Embeddings(nn.Module):
-    config: BertConfig
+    """Word + absolute position (+ token type) embeddings, LayerNorm, dropout."""
+
+    config: Any
     dropout: float
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, *, train: bool):
+    def __call__(self, input_ids, token_type_ids, *, train: bool, positions=None):
+        """Embeds `input_ids` [B, L].
+
+        Args:
+          input_ids: int [B, L] token ids.
+          token_type_ids: int [B, L] segment ids; None: the family has no token-type table.
+          train: dropout on.
+          positions: int [B or 1, L] position ids; None: 0, 1, 2, ...
+
+        Returns:
+          [B, L, hidden_size].
+        """
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         embed = lambda n, size: nn.Embed(size, cfg.hidden_size, name=n, embedding_init=init,  # noqa: E731
                                          dtype=self.dtype, param_dtype=jnp.float32)
-        positions = jnp.arange(input_ids.shape[-1])[None]
+        if positions is None:
+            positions = jnp.arange(input_ids.shape[-1])[None]
         x = (embed("word_embeddings", cfg.vocab_size)(input_ids)
-             + embed("position_embeddings", cfg.max_position_embeddings)(positions)
-             + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids))
-        x = _layer_norm(cfg, "LayerNorm", self.dtype)(x)
+             + embed("position_embeddings", cfg.max_position_embeddings)(positions))
+        if token_type_ids is not None:
+            x = x + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids)
+        x = layer_norm(cfg, "LayerNorm", self.dtype)(x)
         return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
-class Encoder(nn.Module):
-    config: BertConfig
-    dropout: float
-    attention_dropout: float
-    dtype: Any = jnp.float32
-    peft: Peft = Peft()
+class Encoder(Block):
     attention_residual_dropout: bool = True
 
     @nn.compact
@@ -137,21 +185,71 @@ class Encoder(nn.Module):
         return x
 
 
-class BertModel(nn.Module):
-    """BERT: embeddings, post-LN transformer encoder and the [CLS] pooler.
+class TextEncoder(nn.Module):
+    """The fields every text encoder model is built with (see `encoder_of`).
 
     Attributes:
-      config: the encoder's BertConfig.
+      config: the family's encoder config dataclass.
       dtype: compute dtype (parameters stay float32).
-      dropout_override: replaces hidden_dropout_prob when set.
+      dropout_override: replaces the config's hidden dropout when set.
       peft: parameter-efficient additions (LoRA, IA3, adapters, prompts, prefixes)
         switched on by a fine-tuning method.
     """
 
-    config: BertConfig
+    config: Any
     dtype: Any = jnp.float32
     dropout_override: float | None = None
     peft: Peft = Peft()
+
+
+def hidden_dropout(model: TextEncoder) -> float:
+    """The model's hidden dropout: `dropout_override`, else the config's hidden_dropout_prob."""
+    return model.config.hidden_dropout_prob if model.dropout_override is None else model.dropout_override
+
+
+def check_positions(length: int, max_position_embeddings: int) -> None:
+    """Raises ValueError when an input is longer than the absolute position table."""
+    if length > max_position_embeddings:
+        raise ValueError(f"sequence length {length} exceeds max_position_embeddings {max_position_embeddings}")
+
+
+def encode(model: TextEncoder, x, attention_mask, encoder: nn.Module, *, train: bool,
+           activation: Callable, pooler_dropout: float | None = None, project: Callable | None = None,
+           bias: Callable = padding_bias):
+    """The text encoders' shared body after the embeddings: prompt, layers, pooler.
+
+    Prepends the soft prompt (`model`'s "prompt" param), runs `encoder`, drops the prompt
+    positions (heads see the real tokens only: the first token is first again) and pools
+    the first token through `model`'s Dense "pooler". Call it inside `model`'s compact
+    __call__, so that every param, module and dropout stream is `model`'s own.
+
+    Args:
+      model: the calling encoder model.
+      x: the embedded tokens [B, L, E].
+      attention_mask: [B, L], 1 for real tokens.
+      encoder: the layers, called as encoder(x, bias, train=train).
+      train: dropout on.
+      activation: applied to the pooler's output.
+      pooler_dropout: dropout on the first token before the pooler; None: none.
+      project: applied to the prompted embeddings before the layers (e.g. to widen them).
+      bias: the prompted attention mask [B, L'] -> the additive attention bias.
+
+    Returns:
+      (sequence_output [B, L, H], pooled [B, H]).
+    """
+    cfg, peft = model.config, model.peft
+    x, attention_mask = prepend_prompt(model, x, attention_mask, peft, cfg.initializer_range)
+    if project is not None:
+        x = project(x)
+    x = encoder(x, bias(attention_mask), train=train)[:, peft.prompt_tokens:]
+    first = x[:, 0]
+    if pooler_dropout is not None:
+        first = nn.Dropout(pooler_dropout, deterministic=not train)(first)
+    return x, activation(normal_dense(cfg, cfg.hidden_size, "pooler", model.dtype, peft)(first, train=train))
+
+
+class BertModel(TextEncoder):
+    """BERT: embeddings, post-LN transformer encoder and the [CLS] pooler (config: BertConfig)."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -159,33 +257,43 @@ class BertModel(nn.Module):
         cfg = self.config
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        if input_ids.shape[-1] > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.shape[-1]} exceeds "
-                             f"max_position_embeddings {cfg.max_position_embeddings}")
-        dropout = cfg.hidden_dropout_prob if self.dropout_override is None else self.dropout_override
+        check_positions(input_ids.shape[-1], cfg.max_position_embeddings)
+        dropout = hidden_dropout(self)
         x = Embeddings(cfg, dropout, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
-        x, attention_mask = prepend_prompt(self, x, attention_mask, self.peft, cfg.initializer_range)
-        x = Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")(
-            x, padding_bias(attention_mask), train=train)
-        x = x[:, self.peft.prompt_tokens:]  # the head sees the real tokens only: [CLS] is first again
-        pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler", self.dtype, self.peft)(x[:, 0], train=train))
-        return x, pooled
+        encoder = Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")
+        return encode(self, x, attention_mask, encoder, train=train, activation=jnp.tanh)
 
 
-def _encoder(cfg: BertConfig, opts: EncoderOptions, name: str) -> BertModel:
-    return BertModel(cfg, dtype=opts.dtype, dropout_override=opts.dropout, peft=opts.peft, name=name)
+def encoder_of(model_class: type[TextEncoder]) -> Callable[[Any, EncoderOptions, str], TextEncoder]:
+    """FamilySpec.encoder for a TextEncoder subclass: (config, EncoderOptions, name) -> the model."""
+    def build(cfg: Any, opts: EncoderOptions, name: str) -> TextEncoder:
+        return model_class(cfg, dtype=opts.dtype, dropout_override=opts.dropout, peft=opts.peft, name=name)
+    return build
 
 
-def _check_export(meta: dict) -> None:
-    if meta.get("pooling") != "pooler":
-        raise UserError(f"this run pools with {meta.get('pooling')!r}; HF's BertForSequenceClassification "
-                        "classifies the [CLS] pooler output, so its logits would differ: fine-tune with "
-                        "--config.model.pooling=pooler to export")
+def pooler_export(architecture: str, model_type: str, classifies: str) -> HFExport:
+    """The HF export of a text family whose HF classifier reads the encoder's pooler.
+
+    Args:
+      architecture: the transformers class name.
+      model_type: config.json "model_type".
+      classifies: what the HF class classifies, for the message of a run that cannot
+        be exported.
+
+    Returns:
+      An HFExport whose check refuses runs that did not pool with the pooler.
+    """
+    def check(meta: dict) -> None:
+        if meta.get("pooling") != "pooler":
+            raise UserError(f"this run pools with {meta.get('pooling')!r}; HF's {architecture} classifies "
+                            f"{classifies}, so its logits would differ: fine-tune with "
+                            "--config.model.pooling=pooler to export")
+    return HFExport(architecture, model_type, check)
 
 
 FAMILY = FamilySpec(
-    name="bert", model_types=("bert",), modality="text", config_class=BertConfig, encoder=_encoder,
+    name="bert", model_types=("bert",), modality="text", config_class=BertConfig, encoder=encoder_of(BertModel),
     layout=lambda cfg: bert_layout(cfg.num_hidden_layers), converter="ftjax.convert.bert",
     variants={"tiny": TINY_BERT}, provides=("attention",),
     optional=(r".*/pooler/.*",),  # sentence-transformers exports (ONNX MiniLM-L3) ship no pooler
-    hf_export=HFExport("BertForSequenceClassification", "bert", _check_export))
+    hf_export=pooler_export("BertForSequenceClassification", "bert", "the [CLS] pooler output"))

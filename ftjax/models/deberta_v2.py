@@ -36,9 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.errors import UserError
-from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
-from ftjax.models.layers import (ACTIVATIONS, Adapter, Dense, Peft, PrefixEncoder, config_from_hf, padding_bias,
-                                  prepend_prompt)
+from ftjax.models import bert
+from ftjax.models.family import FamilySpec
+from ftjax.models.layers import (
+    ACTIVATIONS,
+    Peft,
+    PrefixEncoder,
+    check_heads,
+    config_from_hf,
+    layer_norm,
+    normal_dense,
+)
 from ftjax.models.layout import Layout
 
 POSITION_TERMS = ("c2p", "p2c")
@@ -130,9 +138,7 @@ class DebertaV2Config:
         if unknown:
             raise UserError(f"pos_att_type={list(cfg.pos_att_type)} has {', '.join(map(repr, unknown))}: "
                             "DeBERTa-v2 computes only 'c2p' and 'p2c' position terms")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise UserError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                            f"num_attention_heads {cfg.num_attention_heads}")
+        check_heads(cfg.hidden_size, cfg.num_attention_heads)
         if cfg.conv_kernel_size > 0:
             raise UserError(f"conv_kernel_size={cfg.conv_kernel_size}: the convolution layer of this DeBERTa-v2 "
                             "checkpoint is not implemented in ftjax (DeBERTa-v3 checkpoints have none)")
@@ -225,14 +231,6 @@ def relative_positions(length: int, buckets: int, max_position: int) -> np.ndarr
     return rel
 
 
-def _dense(cfg: DebertaV2Config, features: int, name: str, dtype, peft: Peft) -> Dense:
-    return Dense(features, name=name, dtype=dtype, peft=peft, kernel_init=nn.initializers.normal(cfg.initializer_range))
-
-
-def _layer_norm(cfg: DebertaV2Config, name: str, dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, dtype=dtype, param_dtype=jnp.float32)
-
-
 class DisentangledSelfAttention(nn.Module):
     """DeBERTa's self-attention with the PEFT hooks (LoRA via Dense, IA3, deep prefixes).
 
@@ -274,9 +272,9 @@ class DisentangledSelfAttention(nn.Module):
         def split(t):
             return t.reshape(*t.shape[:-1], heads, width)
 
-        query = _dense(cfg, cfg.hidden_size, "query", self.dtype, peft)
-        key = _dense(cfg, cfg.hidden_size, "key", self.dtype, peft)
-        value = _dense(cfg, cfg.hidden_size, "value", self.dtype, peft)
+        query = normal_dense(cfg, cfg.hidden_size, "query", self.dtype, peft)
+        key = normal_dense(cfg, cfg.hidden_size, "key", self.dtype, peft)
+        value = normal_dense(cfg, cfg.hidden_size, "value", self.dtype, peft)
         k_scale = v_scale = None
         if peft.ia3:
             ones = nn.initializers.ones
@@ -298,7 +296,7 @@ class DisentangledSelfAttention(nn.Module):
             span = cfg.att_span
             rel = nn.Dropout(self.position_dropout, deterministic=not train)(rel_table)
             if "c2p" in cfg.pos_att_type:
-                pos_k = keys(rel) if cfg.share_att_key else _dense(cfg, cfg.hidden_size, "pos_key", self.dtype,
+                pos_k = keys(rel) if cfg.share_att_key else normal_dense(cfg, cfg.hidden_size, "pos_key", self.dtype,
                                                                      peft)(rel, train=train)
                 c2p = jnp.einsum("bqhd,rhd->bhqr", q, split(pos_k)).astype(jnp.float32)
                 # query i reads the position key at its distance d(i, j) to key j
@@ -306,7 +304,7 @@ class DisentangledSelfAttention(nn.Module):
                 scores = scores + jnp.take_along_axis(
                     c2p, jnp.broadcast_to(index, c2p.shape[:2] + index.shape), axis=-1) / scale
             if "p2c" in cfg.pos_att_type:
-                pos_q = query(rel, train=train) if cfg.share_att_key else _dense(
+                pos_q = query(rel, train=train) if cfg.share_att_key else normal_dense(
                     cfg, cfg.hidden_size, "pos_query", self.dtype, peft)(rel, train=train)
                 p2c = jnp.einsum("bkhd,rhd->bhkr", k, split(pos_q)).astype(jnp.float32)
                 # key j reads the position query at -d(j, i) (= d(i, j): the buckets are odd)
@@ -328,35 +326,17 @@ class DisentangledSelfAttention(nn.Module):
         probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
         probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
-        return _dense(cfg, cfg.hidden_size, "out", self.dtype, peft)(ctx, train=train)
+        return normal_dense(cfg, cfg.hidden_size, "out", self.dtype, peft)(ctx, train=train)
 
 
-class Layer(nn.Module):
+class Layer(bert.Block):
     """Post-LN transformer layer (BERT's layout, DeBERTa's attention), with adapters and IA3."""
-
-    config: DebertaV2Config
-    dropout: float
-    attention_dropout: float
-    dtype: Any = jnp.float32
-    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, x, bias, rel_table, rel_index, *, train: bool, prefix=None):
-        cfg, peft = self.config, self.peft
-        drop = nn.Dropout(self.dropout, deterministic=not train)
-        attn = DisentangledSelfAttention(cfg, self.attention_dropout, self.dropout, self.dtype, peft,
+        attn = DisentangledSelfAttention(self.config, self.attention_dropout, self.dropout, self.dtype, self.peft,
                                          name="attention")(x, bias, rel_table, rel_index, train=train, prefix=prefix)
-        if peft.adapter == "houlsby":
-            attn = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="attention_adapter")(attn)
-        x = _layer_norm(cfg, "attention_LayerNorm", self.dtype)(x + drop(attn))
-        h = _dense(cfg, cfg.intermediate_size, "intermediate", self.dtype, peft)(x, train=train)
-        h = ACTIVATIONS[cfg.hidden_act](h)
-        if peft.ia3:
-            h = h * self.param("ia3_ffn", nn.initializers.ones, (cfg.intermediate_size,), jnp.float32).astype(h.dtype)
-        h = _dense(cfg, cfg.hidden_size, "output", self.dtype, peft)(h, train=train)
-        if peft.adapter in ("houlsby", "pfeiffer"):
-            h = Adapter(peft.adapter_size, peft.adapter_init_std, self.dtype, name="output_adapter")(h)
-        return _layer_norm(cfg, "output_LayerNorm", self.dtype)(x + drop(h))
+        return bert.post_attention(self, x, attn, train=train)
 
 
 class Embeddings(nn.Module):
@@ -380,19 +360,13 @@ class Embeddings(nn.Module):
             x = x + embed("position_embeddings", cfg.max_position_embeddings)(jnp.arange(input_ids.shape[-1])[None])
         if cfg.type_vocab_size > 0:
             x = x + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids)
-        x = _layer_norm(cfg, "LayerNorm", self.dtype)(x)
+        x = layer_norm(cfg, "LayerNorm", self.dtype)(x)
         x = x * attention_mask[..., None].astype(x.dtype)  # padding enters the encoder as zeros, as in HF
         return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
-class Encoder(nn.Module):
+class Encoder(bert.Block):
     """The layers, the relative-position table they share, and the deep-prefix encoder."""
-
-    config: DebertaV2Config
-    dropout: float
-    attention_dropout: float
-    dtype: Any = jnp.float32
-    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, x, bias, *, train: bool):
@@ -404,7 +378,7 @@ class Encoder(nn.Module):
                                  embedding_init=nn.initializers.normal(cfg.initializer_range)).embedding
             rel_table = rel_table.astype(self.dtype)
             if cfg.rel_layer_norm:
-                rel_table = _layer_norm(cfg, "rel_LayerNorm", self.dtype)(rel_table)
+                rel_table = layer_norm(cfg, "rel_LayerNorm", self.dtype)(rel_table)
             # one constant that every layer shares (built with numpy: the buckets must not
             # depend on the device's log)
             rel_index = jnp.asarray(relative_positions(x.shape[1], cfg.position_buckets, cfg.max_relative))
@@ -417,24 +391,13 @@ class Encoder(nn.Module):
         return x
 
 
-class DebertaV2Model(nn.Module):
-    """DeBERTa-v2/v3: embeddings, disentangled-attention encoder and the context pooler.
+class DebertaV2Model(bert.TextEncoder):
+    """DeBERTa-v2/v3: embeddings, disentangled-attention encoder and the context pooler (DebertaV2Config).
 
     Prompt tuning prepends its vectors as sequence positions before the first token:
     they get relative positions like any token (distances among the real tokens do not
     change, so the pretrained position terms between them are untouched).
-
-    Attributes:
-      config: the encoder's DebertaV2Config.
-      dtype: compute dtype (parameters stay float32).
-      dropout_override: replaces hidden_dropout_prob when set.
-      peft: parameter-efficient additions switched on by a fine-tuning method.
     """
-
-    config: DebertaV2Config
-    dtype: Any = jnp.float32
-    dropout_override: float | None = None
-    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -442,23 +405,14 @@ class DebertaV2Model(nn.Module):
         cfg = self.config
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        if cfg.position_biased_input and input_ids.shape[-1] > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.shape[-1]} exceeds "
-                             f"max_position_embeddings {cfg.max_position_embeddings}")
-        dropout = cfg.hidden_dropout_prob if self.dropout_override is None else self.dropout_override
+        if cfg.position_biased_input:
+            bert.check_positions(input_ids.shape[-1], cfg.max_position_embeddings)
+        dropout = bert.hidden_dropout(self)
         x = Embeddings(cfg, dropout, self.dtype, name="embeddings")(input_ids, token_type_ids, attention_mask,
                                                                     train=train)
-        x, attention_mask = prepend_prompt(self, x, attention_mask, self.peft, cfg.initializer_range)
-        x = Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")(
-            x, padding_bias(attention_mask), train=train)
-        x = x[:, self.peft.prompt_tokens:]  # the head sees the real tokens only: [CLS] is first again
-        first = nn.Dropout(cfg.pooler_dropout, deterministic=not train)(x[:, 0])
-        pooled = _dense(cfg, cfg.hidden_size, "pooler", self.dtype, self.peft)(first, train=train)
-        return x, POOLER_ACTIVATIONS[cfg.pooler_hidden_act](pooled)
-
-
-def _encoder(cfg: DebertaV2Config, opts: EncoderOptions, name: str) -> DebertaV2Model:
-    return DebertaV2Model(cfg, dtype=opts.dtype, dropout_override=opts.dropout, peft=opts.peft, name=name)
+        encoder = Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")
+        return bert.encode(self, x, attention_mask, encoder, train=train, pooler_dropout=cfg.pooler_dropout,
+                           activation=POOLER_ACTIVATIONS[cfg.pooler_hidden_act])
 
 
 def layout(cfg: DebertaV2Config) -> Layout:
@@ -483,13 +437,6 @@ def _load(loaded: dict, fresh: dict) -> dict:
     return loaded
 
 
-def _check_export(meta: dict) -> None:
-    if meta.get("pooling") != "pooler":
-        raise UserError(f"this run pools with {meta.get('pooling')!r}; HF's DebertaV2ForSequenceClassification "
-                        "classifies the pooler's output on the first token, so its logits would differ: "
-                        "fine-tune with --config.model.pooling=pooler to export")
-
-
 def _head_dropout(cfg: DebertaV2Config) -> float | None:
     """HF's classifier dropout: cls_dropout; None: the text default (hidden_dropout_prob), as in HF."""
     return cfg.cls_dropout
@@ -497,8 +444,9 @@ def _head_dropout(cfg: DebertaV2Config) -> float | None:
 
 FAMILY = FamilySpec(
     name="deberta_v2", model_types=("deberta-v2",), modality="text", config_class=DebertaV2Config,
-    encoder=_encoder, layout=layout, converter="ftjax.convert.deberta_v2", variants=VARIANTS,
+    encoder=bert.encoder_of(DebertaV2Model), layout=layout, converter="ftjax.convert.deberta_v2", variants=VARIANTS,
     provides=("attention",),
     optional=(r".*/pooler/.*",),  # masked-LM checkpoints (microsoft/deberta-v3-base) ship no pooler
     load=_load, head_dropout=_head_dropout,
-    hf_export=HFExport("DebertaV2ForSequenceClassification", "deberta-v2", _check_export))
+    hf_export=bert.pooler_export("DebertaV2ForSequenceClassification", "deberta-v2",
+                                 "the pooler's output on the first token"))

@@ -23,6 +23,7 @@ attention output before its residual LayerNorm, which DistilBERT does not. Evalu
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import flax.linen as nn
@@ -32,9 +33,8 @@ import numpy as np
 
 from ftjax.errors import UserError
 from ftjax.models import bert
-from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
-from ftjax.models.layers import (ACTIVATIONS, Dense, Peft, config_from_hf, padding_bias,
-                                  prepend_prompt)
+from ftjax.models.family import FamilySpec
+from ftjax.models.layers import ACTIVATIONS, check_heads, config_from_hf
 from ftjax.models.layout import bert_layout
 
 # DistilBERT fixes every LayerNorm epsilon in code; config.json has no field for it.
@@ -53,6 +53,11 @@ BASE_DISTILBERT = {
     "max_position_embeddings": 512, "dropout": 0.1, "attention_dropout": 0.1, "seq_classif_dropout": 0.2,
     "sinusoidal_pos_embds": False, "initializer_range": 0.02, "pad_token_id": 0, "model_type": "distilbert",
 }
+
+
+def _bert_name(field: str) -> property:
+    """A read-only property: BERT's name for DistilBERT's config field `field`."""
+    return property(operator.attrgetter(field), doc=f"BERT's name for `{field}`.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,38 +96,17 @@ class DistilBertConfig:
         if act is not None and act not in ACTIVATIONS:
             raise UserError(f"activation={act!r} is not supported for DistilBERT ({', '.join(ACTIVATIONS)})")
         cfg = config_from_hf(cls, hf)
-        if cfg.dim % cfg.n_heads:
-            raise UserError(f"dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
+        check_heads(cfg.dim, cfg.n_heads, "dim", "n_heads")
         return cfg
 
     # BERT's names for the same quantities (read by the shared bert/layers modules).
-    @property
-    def hidden_size(self) -> int:
-        return self.dim
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.n_heads
-
-    @property
-    def intermediate_size(self) -> int:
-        return self.hidden_dim
-
-    @property
-    def hidden_act(self) -> str:
-        return self.activation
-
-    @property
-    def hidden_dropout_prob(self) -> float:
-        return self.dropout
-
-    @property
-    def attention_probs_dropout_prob(self) -> float:
-        return self.attention_dropout
+    hidden_size = _bert_name("dim")
+    num_hidden_layers = _bert_name("n_layers")
+    num_attention_heads = _bert_name("n_heads")
+    intermediate_size = _bert_name("hidden_dim")
+    hidden_act = _bert_name("activation")
+    hidden_dropout_prob = _bert_name("dropout")
+    attention_probs_dropout_prob = _bert_name("attention_dropout")
 
     @property
     def layer_norm_eps(self) -> float:
@@ -179,21 +163,11 @@ class Embeddings(nn.Module):
         return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
-class DistilBertModel(nn.Module):
+class DistilBertModel(bert.TextEncoder):
     """DistilBERT: embeddings, BERT's post-LN layers, and HF's pre-classifier as a ReLU "pooler".
 
-    Attributes:
-      config: the encoder's DistilBertConfig.
-      dtype: compute dtype (parameters stay float32).
-      dropout_override: replaces `config.dropout` when set.
-      peft: parameter-efficient additions (LoRA, IA3, adapters, prompts, prefixes)
-        switched on by a fine-tuning method.
+    `config` is a DistilBertConfig; `dropout_override` replaces `config.dropout`.
     """
-
-    config: DistilBertConfig
-    dtype: Any = jnp.float32
-    dropout_override: float | None = None
-    peft: Peft = Peft()
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -211,33 +185,19 @@ class DistilBertModel(nn.Module):
         if input_ids.shape[-1] > cfg.max_position_embeddings:
             raise UserError(f"sequence length {input_ids.shape[-1]} exceeds DistilBERT's max_position_embeddings "
                             f"{cfg.max_position_embeddings}: lower config.data.max_length")
-        dropout = cfg.dropout if self.dropout_override is None else self.dropout_override
+        dropout = bert.hidden_dropout(self)
         x = Embeddings(cfg, dropout, self.dtype, name="embeddings")(input_ids, train=train)
-        x, attention_mask = prepend_prompt(self, x, attention_mask, self.peft, cfg.initializer_range)
-        x = bert.Encoder(cfg, dropout, cfg.attention_dropout, self.dtype, self.peft,
-                         attention_residual_dropout=False, name="encoder")(
-            x, padding_bias(attention_mask), train=train)
-        x = x[:, self.peft.prompt_tokens:]  # heads see the real tokens only: the first token is first again
-        pre = Dense(cfg.dim, name="pooler", dtype=self.dtype, peft=self.peft,
-                    kernel_init=nn.initializers.normal(cfg.initializer_range))
-        return x, jax.nn.relu(pre(x[:, 0], train=train))
-
-
-def _encoder(cfg: DistilBertConfig, opts: EncoderOptions, name: str) -> DistilBertModel:
-    return DistilBertModel(cfg, dtype=opts.dtype, dropout_override=opts.dropout, peft=opts.peft, name=name)
-
-
-def _check_export(meta: dict) -> None:
-    if meta.get("pooling") != "pooler":
-        raise UserError(f"this run pools with {meta.get('pooling')!r}; HF's DistilBertForSequenceClassification "
-                        "classifies relu(pre_classifier(first token)), so its logits would differ: fine-tune "
-                        "with --config.model.pooling=pooler to export")
+        encoder = bert.Encoder(cfg, dropout, cfg.attention_dropout, self.dtype, self.peft,
+                               attention_residual_dropout=False, name="encoder")
+        return bert.encode(self, x, attention_mask, encoder, train=train, activation=jax.nn.relu)
 
 
 FAMILY = FamilySpec(
     name="distilbert", model_types=("distilbert",), modality="text", config_class=DistilBertConfig,
-    encoder=_encoder, layout=lambda cfg: bert_layout(cfg.n_layers), converter="ftjax.convert.distilbert",
+    encoder=bert.encoder_of(DistilBertModel), layout=lambda cfg: bert_layout(cfg.n_layers),
+    converter="ftjax.convert.distilbert",
     variants={"tiny": TINY_DISTILBERT, "base": BASE_DISTILBERT}, provides=("attention",),
     optional=(r".*/pooler/.*",),  # DistilBertModel and masked-LM checkpoints have no pre_classifier
-    hf_export=HFExport("DistilBertForSequenceClassification", "distilbert", _check_export),
+    hf_export=bert.pooler_export("DistilBertForSequenceClassification", "distilbert",
+                                 "relu(pre_classifier(first token))"),
     head_dropout=lambda cfg: cfg.seq_classif_dropout)

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from ftjax.errors import UserError
 from ftjax.models import bert
-from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
-from ftjax.models.layers import Dense, Peft, padding_bias, prepend_prompt
+from ftjax.models.family import FamilySpec
+from ftjax.models.layers import normal_dense
 from ftjax.models.layout import Layout
 
 # vocab >= 40 so the test tokenizer's ids fit; embedding_size != hidden_size so the
@@ -83,25 +83,8 @@ def electra_layout(num_layers: int) -> Layout:
                   top=(r".*/pooler/.*",), norms=r".*LayerNorm.*")
 
 
-class ElectraModel(nn.Module):
-    """ELECTRA discriminator: embeddings (+ projection), BERT layers, first-token gelu pooler.
-
-    Attributes:
-      config: the encoder's ElectraConfig.
-      dtype: compute dtype (parameters stay float32).
-      dropout_override: replaces hidden_dropout_prob in the encoder when set.
-      peft: parameter-efficient additions (LoRA, IA3, adapters, prompts, prefixes)
-        switched on by a fine-tuning method.
-    """
-
-    config: ElectraConfig
-    dtype: Any = jnp.float32
-    dropout_override: float | None = None
-    peft: Peft = Peft()
-
-    def _dense(self, name: str) -> Dense:
-        return Dense(self.config.hidden_size, name=name, dtype=self.dtype, peft=self.peft,
-                     kernel_init=nn.initializers.normal(self.config.initializer_range))
+class ElectraModel(bert.TextEncoder):
+    """ELECTRA discriminator: embeddings (+ projection), BERT layers, first-token gelu pooler (ElectraConfig)."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -109,47 +92,35 @@ class ElectraModel(nn.Module):
         cfg = self.config
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        if input_ids.shape[-1] > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.shape[-1]} exceeds "
-                             f"max_position_embeddings {cfg.max_position_embeddings}")
-        dropout = cfg.hidden_dropout_prob if self.dropout_override is None else self.dropout_override
+        bert.check_positions(input_ids.shape[-1], cfg.max_position_embeddings)
+        dropout = bert.hidden_dropout(self)
         # bert.Embeddings builds its tables at the config's hidden_size: give it the embedding width.
         narrow = dataclasses.replace(cfg, hidden_size=cfg.embedding_size)
         x = bert.Embeddings(narrow, dropout, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
-        # The prompt lives in the embedding space, before the projection, so that prompt
-        # tuning's vocabulary init (rows of word_embeddings) has the right width.
-        x, attention_mask = prepend_prompt(self, x, attention_mask, self.peft, cfg.initializer_range)
-        if cfg.embedding_size != cfg.hidden_size:
-            x = self._dense("embeddings_project")(x, train=train)
-        x = bert.Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")(
-            x, padding_bias(attention_mask), train=train)
-        x = x[:, self.peft.prompt_tokens:]  # the head sees the real tokens only: the first token is first again
+
+        def project(h):
+            # after the prompt: it lives in the embedding space, so that prompt tuning's
+            # vocabulary init (rows of word_embeddings) has the right width
+            return normal_dense(cfg, cfg.hidden_size, "embeddings_project", self.dtype, self.peft)(h, train=train)
+
+        encoder = bert.Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")
         # HF's classification head: dropout, dense, gelu (exact erf form, as HF's "gelu"); its
         # second dropout and out_proj are the task's head dropout and Dense head. HF's first
         # dropout is classifier_dropout, else the hidden dropout (here: after model.dropout).
         head_dropout = dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-        first = nn.Dropout(head_dropout, deterministic=not train)(x[:, 0])
-        pooled = self._dense("pooler")(first, train=train)
-        return x, jax.nn.gelu(pooled, approximate=False)
-
-
-def _encoder(cfg: ElectraConfig, opts: EncoderOptions, name: str) -> ElectraModel:
-    return ElectraModel(cfg, dtype=opts.dtype, dropout_override=opts.dropout, peft=opts.peft, name=name)
-
-
-def _check_export(meta: dict) -> None:
-    if meta.get("pooling") != "pooler":
-        raise UserError(f"this run pools with {meta.get('pooling')!r}; HF's ElectraForSequenceClassification "
-                        "classifies the first token through its dense + gelu head (ftjax's pooler), so its "
-                        "logits would differ: fine-tune with --config.model.pooling=pooler to export")
+        return bert.encode(self, x, attention_mask, encoder, train=train,
+                           project=project if cfg.embedding_size != cfg.hidden_size else None,
+                           pooler_dropout=head_dropout, activation=lambda h: jax.nn.gelu(h, approximate=False))
 
 
 FAMILY = FamilySpec(
-    name="electra", model_types=("electra",), modality="text", config_class=ElectraConfig, encoder=_encoder,
+    name="electra", model_types=("electra",), modality="text", config_class=ElectraConfig,
+    encoder=bert.encoder_of(ElectraModel),
     layout=lambda cfg: electra_layout(cfg.num_hidden_layers), converter="ftjax.convert.electra",
     variants={"tiny": TINY_ELECTRA, "small": SMALL_ELECTRA, "base": BASE_ELECTRA}, provides=("attention",),
     # Discriminator checkpoints (google/electra-*-discriminator) carry no classification head.
     optional=(r".*/pooler/.*",),
     # HF's classification head drops classifier_dropout (else the hidden dropout) before both of its layers
     head_dropout=lambda cfg: cfg.classifier_dropout,
-    hf_export=HFExport("ElectraForSequenceClassification", "electra", _check_export))
+    hf_export=bert.pooler_export("ElectraForSequenceClassification", "electra",
+                                 "the first token through its dense + gelu head (ftjax's pooler)"))

@@ -30,6 +30,26 @@ ACTIVATIONS = {
 }
 
 
+def check_heads(hidden: int, heads: int, hidden_name: str = "hidden_size",
+                heads_name: str = "num_attention_heads") -> None:
+    """Raises a one-line UserError unless `heads` attention heads split `hidden` evenly.
+
+    Args:
+      hidden: the model width.
+      heads: the number of attention heads.
+      hidden_name: the config.json name of `hidden`, for the message.
+      heads_name: the config.json name of `heads`, for the message.
+    """
+    if hidden % heads:
+        raise UserError(f"{hidden_name} {hidden} is not divisible by {heads_name} {heads}")
+
+
+def check_absolute_positions(hf: dict[str, Any]) -> None:
+    """Raises a one-line UserError when a config.json asks for non-absolute position embeddings."""
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"position_embedding_type={hf['position_embedding_type']!r}: only absolute is supported")
+
+
 def config_from_hf(cls, hf: dict[str, Any], **convert: Callable[[Any], Any]):
     """A config dataclass from a config.json dict: the fields `cls` declares, nothing else.
 
@@ -113,6 +133,17 @@ class Dense(nn.Module):
             h = nn.Dropout(p.lora_dropout, deterministic=not train)(x)
             y = y + (h @ a.astype(self.dtype)) @ b.astype(self.dtype) * (p.lora_alpha / p.lora_rank)
         return y
+
+
+def normal_dense(config: Any, features: int, name: str, dtype: Any, peft: Peft) -> Dense:
+    """A Dense (LoRA-capable) whose kernel starts normal(config.initializer_range)."""
+    return Dense(features, name=name, dtype=dtype, peft=peft,
+                 kernel_init=nn.initializers.normal(config.initializer_range))
+
+
+def layer_norm(config: Any, name: str, dtype: Any) -> nn.LayerNorm:
+    """A LayerNorm with config.layer_norm_eps and float32 parameters."""
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, name=name, dtype=dtype, param_dtype=jnp.float32)
 
 
 class Adapter(nn.Module):

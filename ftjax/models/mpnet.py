@@ -36,14 +36,8 @@ import numpy as np
 
 from ftjax.errors import UserError
 from ftjax.models import bert
-from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
-from ftjax.models.layers import (
-    Dense,
-    Peft,
-    config_from_hf,
-    padding_bias,
-    prepend_prompt,
-)
+from ftjax.models.family import FamilySpec
+from ftjax.models.layers import check_heads, config_from_hf, padding_bias
 from ftjax.models.layout import Layout
 
 # HF's MPNet fixes these in code, whatever config.json says: the padding id that
@@ -101,9 +95,7 @@ class MPNetConfig:
             than the 32 buckets MPNet uses.
         """
         cfg = config_from_hf(cls, hf)
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise UserError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                            f"num_attention_heads {cfg.num_attention_heads}")
+        check_heads(cfg.hidden_size, cfg.num_attention_heads)
         if cfg.relative_attention_num_buckets < NUM_BUCKETS:
             raise UserError(f"relative_attention_num_buckets={cfg.relative_attention_num_buckets}: MPNet "
                             f"buckets relative distances into {NUM_BUCKETS}, so it must be at least {NUM_BUCKETS}")
@@ -145,39 +137,8 @@ def position_ids(input_ids):
     return jnp.cumsum(real, axis=-1) * real + PADDING_IDX
 
 
-class Embeddings(nn.Module):
-    config: MPNetConfig
-    dropout: float
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, input_ids, *, train: bool):
-        cfg = self.config
-        init = nn.initializers.normal(cfg.initializer_range)
-        embed = lambda n, size: nn.Embed(size, cfg.hidden_size, name=n, embedding_init=init,
-                                         dtype=self.dtype, param_dtype=jnp.float32)
-        x = (embed("word_embeddings", cfg.vocab_size)(input_ids)
-             + embed("position_embeddings", cfg.max_position_embeddings)(position_ids(input_ids)))
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm", dtype=self.dtype,
-                         param_dtype=jnp.float32)(x)
-        return nn.Dropout(self.dropout, deterministic=not train)(x)
-
-
-class MPNetModel(nn.Module):
-    """MPNet: embeddings, BERT's post-LN encoder with a shared relative position bias, a pooler.
-
-    Attributes:
-      config: the encoder's MPNetConfig.
-      dtype: compute dtype (parameters stay float32).
-      dropout_override: replaces hidden_dropout_prob when set.
-      peft: parameter-efficient additions (LoRA, IA3, adapters, prompts, prefixes)
-        switched on by a fine-tuning method.
-    """
-
-    config: MPNetConfig
-    dtype: Any = jnp.float32
-    dropout_override: float | None = None
-    peft: Peft = Peft()
+class MPNetModel(bert.TextEncoder):
+    """MPNet: embeddings, BERT's post-LN encoder with a shared relative position bias, a pooler (MPNetConfig)."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -189,23 +150,22 @@ class MPNetModel(nn.Module):
             raise UserError(f"sequence length {length} needs positions up to {length + PADDING_IDX}, beyond "
                             f"max_position_embeddings {cfg.max_position_embeddings}: use a max_length of at "
                             f"most {cfg.max_position_embeddings - PADDING_IDX - 1}")
-        dropout = cfg.hidden_dropout_prob if self.dropout_override is None else self.dropout_override
-        x = Embeddings(cfg, dropout, self.dtype, name="embeddings")(input_ids, train=train)
-        x, attention_mask = prepend_prompt(self, x, attention_mask, self.peft, cfg.initializer_range)
-        # One bias for every layer, over the whole sequence (soft prompt included: the real
-        # tokens keep their distances to each other).
-        total = x.shape[1]
-        table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads,
-                         name="relative_attention_bias", param_dtype=jnp.float32, dtype=jnp.float32,
-                         embedding_init=nn.initializers.normal(cfg.initializer_range))
-        relative = table(jnp.asarray(relative_position_buckets(total, total)))  # [Q, K, H]
-        bias = padding_bias(attention_mask) + jnp.transpose(relative, (2, 0, 1))[None]  # [B, H, Q, K]
-        x = bert.Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")(
-            x, bias, train=train)
-        x = x[:, self.peft.prompt_tokens:]  # the head sees the real tokens only: <s> is first again
-        pooled = Dense(cfg.hidden_size, name="pooler", dtype=self.dtype, peft=self.peft,
-                       kernel_init=nn.initializers.normal(cfg.initializer_range))(x[:, 0], train=train)
-        return x, jnp.tanh(pooled)
+        dropout = bert.hidden_dropout(self)
+        x = bert.Embeddings(cfg, dropout, self.dtype, name="embeddings")(  # no token-type table
+            input_ids, None, train=train, positions=position_ids(input_ids))
+
+        def bias(attention_mask):
+            # One bias for every layer, over the whole sequence (soft prompt included: the real
+            # tokens keep their distances to each other).
+            total = attention_mask.shape[1]
+            table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads,
+                             name="relative_attention_bias", param_dtype=jnp.float32, dtype=jnp.float32,
+                             embedding_init=nn.initializers.normal(cfg.initializer_range))
+            relative = table(jnp.asarray(relative_position_buckets(total, total)))  # [Q, K, H]
+            return padding_bias(attention_mask) + jnp.transpose(relative, (2, 0, 1))[None]  # [B, H, Q, K]
+
+        encoder = bert.Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")
+        return bert.encode(self, x, attention_mask, encoder, train=train, activation=jnp.tanh, bias=bias)
 
 
 def mpnet_layout(cfg: MPNetConfig) -> Layout:
@@ -215,20 +175,10 @@ def mpnet_layout(cfg: MPNetConfig) -> Layout:
                   top=(r".*/pooler/.*",), norms=r".*LayerNorm.*")
 
 
-def _encoder(cfg: MPNetConfig, opts: EncoderOptions, name: str) -> MPNetModel:
-    return MPNetModel(cfg, dtype=opts.dtype, dropout_override=opts.dropout, peft=opts.peft, name=name)
-
-
-def _check_export(meta: dict) -> None:
-    if meta.get("pooling") != "pooler":
-        raise UserError(f"this run pools with {meta.get('pooling')!r}; HF's MPNetForSequenceClassification "
-                        "classifies tanh(dense(first token)), so its logits would differ: fine-tune with "
-                        "--config.model.pooling=pooler to export")
-
-
 FAMILY = FamilySpec(
-    name="mpnet", model_types=("mpnet",), modality="text", config_class=MPNetConfig, encoder=_encoder,
+    name="mpnet", model_types=("mpnet",), modality="text", config_class=MPNetConfig,
+    encoder=bert.encoder_of(MPNetModel),
     layout=mpnet_layout, converter="ftjax.convert.mpnet",
     variants={"tiny": TINY_MPNET, "base": BASE_MPNET}, provides=("attention",),
     optional=(r".*/pooler/.*",),  # masked-LM checkpoints (microsoft/mpnet-base) ship no pooler
-    hf_export=HFExport("MPNetForSequenceClassification", "mpnet", _check_export))
+    hf_export=bert.pooler_export("MPNetForSequenceClassification", "mpnet", "tanh(dense(first token))"))

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 
 from ftjax.errors import UserError
 from ftjax.models import bert
-from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
-from ftjax.models.layers import Dense, Peft, config_from_hf, padding_bias, prepend_prompt
+from ftjax.models.family import FamilySpec
 from ftjax.models.layout import bert_layout
 
 # max_position_embeddings 64: 16 tokens need positions up to 16 + pad_token_id; the rest
@@ -47,8 +46,8 @@ def _roberta(hidden: int, layers: int, heads: int, intermediate: int) -> dict[st
 
 
 @dataclasses.dataclass(frozen=True)
-class RobertaConfig:
-    """The HF RobertaConfig / XLMRobertaConfig fields ftjax uses (same names).
+class RobertaConfig(bert.BertConfig):
+    """The HF RobertaConfig / XLMRobertaConfig fields ftjax uses: BertConfig's (same names).
 
     The defaults are transformers' class defaults, which apply to a config.json that
     leaves a field out; published checkpoints set max_position_embeddings 514,
@@ -56,28 +55,12 @@ class RobertaConfig:
     """
 
     vocab_size: int = 50265
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
     pad_token_id: int = 1
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> RobertaConfig:
         """Builds the config from a config.json dict, ignoring unrelated keys."""
-        cfg = config_from_hf(cls, hf)
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise UserError(f"position_embedding_type={hf['position_embedding_type']!r}: only absolute is supported")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise UserError(f"hidden_size {cfg.hidden_size} is not divisible by "
-                            f"num_attention_heads {cfg.num_attention_heads}")
+        cfg = super().from_hf(hf)
         if not 0 <= cfg.pad_token_id < min(cfg.vocab_size, cfg.max_position_embeddings - 1):
             raise UserError(f"pad_token_id {cfg.pad_token_id} must be a token id below vocab_size "
                             f"{cfg.vocab_size} and leave room for positions below max_position_embeddings "
@@ -100,43 +83,8 @@ def position_ids(input_ids, pad_token_id: int):
     return jnp.cumsum(real, axis=1) * real + pad_token_id
 
 
-class Embeddings(nn.Module):
-    config: RobertaConfig
-    dropout: float
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, input_ids, token_type_ids, *, train: bool):
-        cfg = self.config
-        init = nn.initializers.normal(cfg.initializer_range)
-        embed = lambda n, size: nn.Embed(size, cfg.hidden_size, name=n, embedding_init=init,
-                                         dtype=self.dtype, param_dtype=jnp.float32)
-        if cfg.type_vocab_size == 1:
-            # One segment row: a pair's second-segment ids from a BERT-style tokenizer would
-            # index past it (and read NaNs under jnp.take); every token takes the one row.
-            token_type_ids = jnp.zeros_like(input_ids)
-        x = (embed("word_embeddings", cfg.vocab_size)(input_ids)
-             + embed("position_embeddings", cfg.max_position_embeddings)(position_ids(input_ids, cfg.pad_token_id))
-             + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids))
-        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm", dtype=self.dtype, param_dtype=jnp.float32)(x)
-        return nn.Dropout(self.dropout, deterministic=not train)(x)
-
-
-class RobertaModel(nn.Module):
-    """RoBERTa: embeddings with padding-aware positions, BERT's post-LN layers, the <s> pooler.
-
-    Attributes:
-      config: the encoder's RobertaConfig.
-      dtype: compute dtype (parameters stay float32).
-      dropout_override: replaces hidden_dropout_prob when set.
-      peft: parameter-efficient additions (LoRA, IA3, adapters, prompts, prefixes)
-        switched on by a fine-tuning method.
-    """
-
-    config: RobertaConfig
-    dtype: Any = jnp.float32
-    dropout_override: float | None = None
-    peft: Peft = Peft()
+class RobertaModel(bert.TextEncoder):
+    """RoBERTa: embeddings with padding-aware positions, BERT's post-LN layers, the <s> pooler (RobertaConfig)."""
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
@@ -153,36 +101,24 @@ class RobertaModel(nn.Module):
                             f"tokens (max_position_embeddings {cfg.max_position_embeddings} - pad_token_id "
                             f"{cfg.pad_token_id} - 1, since positions start after the padding id); "
                             f"set data.max_length <= {cfg.max_length}")
-        if token_type_ids is None:
+        if token_type_ids is None or cfg.type_vocab_size == 1:
+            # One segment row: a pair's second-segment ids from a BERT-style tokenizer would
+            # index past it (and read NaNs under jnp.take); every token takes the one row.
             token_type_ids = jnp.zeros_like(input_ids)
-        dropout = cfg.hidden_dropout_prob if self.dropout_override is None else self.dropout_override
-        x = Embeddings(cfg, dropout, self.dtype, name="embeddings")(input_ids, token_type_ids, train=train)
+        dropout = bert.hidden_dropout(self)
+        x = bert.Embeddings(cfg, dropout, self.dtype, name="embeddings")(
+            input_ids, token_type_ids, train=train, positions=position_ids(input_ids, cfg.pad_token_id))
         # The prompt is prepended after the embeddings: it takes no position, so it does not
         # count against max_length.
-        x, attention_mask = prepend_prompt(self, x, attention_mask, self.peft, cfg.initializer_range)
-        x = bert.Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")(
-            x, padding_bias(attention_mask), train=train)
-        x = x[:, self.peft.prompt_tokens:]  # the head sees the real tokens only: <s> is first again
-        pooler = Dense(cfg.hidden_size, name="pooler", dtype=self.dtype, peft=self.peft,
-                       kernel_init=nn.initializers.normal(cfg.initializer_range))
-        return x, jnp.tanh(pooler(x[:, 0], train=train))
-
-
-def _encoder(cfg: RobertaConfig, opts: EncoderOptions, name: str) -> RobertaModel:
-    return RobertaModel(cfg, dtype=opts.dtype, dropout_override=opts.dropout, peft=opts.peft, name=name)
-
-
-def _check_export(meta: dict) -> None:
-    if meta.get("pooling") != "pooler":
-        raise UserError(f"this run pools with {meta.get('pooling')!r}; HF's RobertaForSequenceClassification "
-                        "classifies tanh(dense(<s>)), ftjax's pooler, so its logits would differ: fine-tune "
-                        "with --config.model.pooling=pooler to export")
+        encoder = bert.Encoder(cfg, dropout, cfg.attention_probs_dropout_prob, self.dtype, self.peft, name="encoder")
+        return bert.encode(self, x, attention_mask, encoder, train=train, activation=jnp.tanh)
 
 
 FAMILY = FamilySpec(
     name="roberta", model_types=("roberta", "xlm-roberta"), modality="text", config_class=RobertaConfig,
-    encoder=_encoder, layout=lambda cfg: bert_layout(cfg.num_hidden_layers), converter="ftjax.convert.roberta",
+    encoder=bert.encoder_of(RobertaModel), layout=lambda cfg: bert_layout(cfg.num_hidden_layers),
+    converter="ftjax.convert.roberta",
     variants={"tiny": TINY_ROBERTA, "base": _roberta(768, 12, 12, 3072), "large": _roberta(1024, 24, 16, 4096)},
     provides=("attention",),
     optional=(r".*/pooler/.*",),  # masked-LM checkpoints (roberta-base, xlm-roberta-base) ship no pooler
-    hf_export=HFExport("RobertaForSequenceClassification", "roberta", _check_export))
+    hf_export=bert.pooler_export("RobertaForSequenceClassification", "roberta", "tanh(dense(<s>)), ftjax's pooler"))
