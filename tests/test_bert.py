@@ -105,3 +105,13 @@ def test_minilm_sentence_similarity():
     assert emb[0] @ emb[1] == pytest.approx(0.7553, abs=0.002)  # paraphrase
     assert abs(emb[0] @ emb[2]) < 0.15  # unrelated
     assert emb[0] @ emb[1] > emb[0] @ emb[3] > emb[0] @ emb[2]
+
+
+def test_an_input_longer_than_the_position_table_is_one_line():
+    from ftjax.errors import UserError
+
+    model = bert.BertModel(bert.BertConfig.from_hf(bert.TINY_BERT))
+    x = jnp.ones((1, bert.TINY_BERT["max_position_embeddings"] + 1), jnp.int32)
+    with pytest.raises(UserError, match="sequence length 65 exceeds the model's max_position_embeddings 64: "
+                                        "lower config.data.max_length"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), x, x))

@@ -208,9 +208,10 @@ def hidden_dropout(model: TextEncoder) -> float:
 
 
 def check_positions(length: int, max_position_embeddings: int) -> None:
-    """Raises ValueError when an input is longer than the absolute position table."""
+    """One clear line when an input is longer than the absolute position table."""
     if length > max_position_embeddings:
-        raise ValueError(f"sequence length {length} exceeds max_position_embeddings {max_position_embeddings}")
+        raise UserError(f"sequence length {length} exceeds the model's max_position_embeddings "
+                        f"{max_position_embeddings}: lower config.data.max_length")
 
 
 def encode(model: TextEncoder, x, attention_mask, encoder: nn.Module, *, train: bool,
