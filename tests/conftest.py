@@ -88,3 +88,14 @@ def tiny_config(files, **overrides):
     c.progress_bar = False
     c.update_from_flattened_dict(overrides)
     return c.lock()
+
+
+def data_files(folder, train: int = 48, dev: int = 16, test: int = 16, vocab=None) -> dict:
+    """The tiny text setting's files in `folder`: a WordPiece tokenizer folder (or `vocab`),
+    train/dev/test CSVs of the given row counts (test 0: no test split) and a TFDS data dir."""
+    folder = pathlib.Path(folder)
+    files = {"vocab": vocab or write_vocab(folder / "tok"), "train": write_csv(folder / "train.csv", train, 0),
+             "dev": write_csv(folder / "dev.csv", dev, 1), "data_dir": folder / "tfds", "root": folder}
+    if test:
+        files["test"] = write_csv(folder / "test.csv", test, 2)
+    return files

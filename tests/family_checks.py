@@ -30,7 +30,8 @@ from ftjax import convert, export, methods, models, optim, train, tree
 from ftjax import step as step_lib
 from ftjax.models import EncoderOptions
 from ftjax.tasks import classification
-from tests.conftest import tiny_config, write_csv, write_vocab
+from tests import conftest
+from tests.conftest import tiny_config
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 TASK2 = classification.Classification(2, ["neg", "pos"])
@@ -263,9 +264,7 @@ def data_files(folder: pathlib.Path, vocab: pathlib.Path | None = None, train_ro
 
     The dev and test splits have 20 and 12 rows.
     """
-    return {"vocab": vocab or write_vocab(folder / "tok"), "train": write_csv(folder / "train.csv", train_rows, 0),
-            "dev": write_csv(folder / "dev.csv", 20, 1), "test": write_csv(folder / "test.csv", 12, 2),
-            "data_dir": folder / "tfds"}
+    return conftest.data_files(folder, train=train_rows, dev=20, test=12, vocab=vocab)
 
 
 def files_fixture(train_rows: int = 48):

@@ -19,9 +19,7 @@ import pytest
 
 from ftjax import train
 from ftjax.errors import UserError, one_line
-from tests.conftest import tiny_config
-from tests.conftest import write_csv as _write_csv
-from tests.conftest import write_vocab as _write_vocab
+from tests.conftest import data_files, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -29,10 +27,7 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {"vocab": _write_vocab(d / "tok"), "train": _write_csv(d / "train.csv", 48, 0),
-            "dev": _write_csv(d / "dev.csv", 16, 1), "test": _write_csv(d / "test.csv", 16, 2),
-            "data_dir": d / "tfds", "root": d}
+    return data_files(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ftjax import checkpoint as ckpt_lib
 from ftjax import convert, export, train
 from ftjax import tree as tree_lib
 from ftjax.errors import UserError
-from tests.conftest import tiny_config, write_csv, write_vocab
+from tests.conftest import data_files, tiny_config, write_vocab
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = {"total_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2}
@@ -25,10 +25,7 @@ SHORT = {"total_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2}
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {"vocab": write_vocab(d / "tok"), "train": write_csv(d / "train.csv", 48, 0),
-            "dev": write_csv(d / "dev.csv", 16, 1), "test": write_csv(d / "test.csv", 16, 2),
-            "data_dir": d / "tfds"}
+    return data_files(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module", params=["mean", "cls"])

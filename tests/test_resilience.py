@@ -16,8 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import write_csv as _write_csv
-from tests.conftest import write_vocab as _write_vocab
+from tests.conftest import data_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 12
@@ -25,9 +24,7 @@ TOTAL = 12
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {"vocab": _write_vocab(d / "tok"), "train": _write_csv(d / "train.csv", 64, 0),
-            "dev": _write_csv(d / "dev.csv", 16, 1), "data_dir": d / "tfds"}
+    return data_files(tmp_path_factory.mktemp("data"), train=64, test=0)
 
 
 def _args(files, workdir, **overrides):

@@ -13,17 +13,14 @@ import pytest
 
 from ftjax import train
 from ftjax.errors import UserError
-from tests.conftest import tiny_config, write_csv, write_vocab
+from tests.conftest import data_files, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return {"vocab": write_vocab(d / "tok"), "train": write_csv(d / "train.csv", 96, 0),
-            "dev": write_csv(d / "dev.csv", 37, 1), "test": write_csv(d / "test.csv", 21, 2),
-            "data_dir": d / "tfds"}
+    return data_files(tmp_path_factory.mktemp("data"), train=96, dev=37, test=21)
 
 
 @pytest.fixture(scope="module")
