@@ -32,7 +32,7 @@ class Predictor:
         options = models.EncoderOptions(peft=Peft(**meta.get("peft", {})), image_size=meta.get("image_size"))
         model = self.task.build_model(meta["family"], meta["model_config"], options)
         self._predict = jax.jit(lambda v, batch: self.task.predict(model, v, batch))
-        self._keys = getattr(self.task, "predict_keys", None) or model.input_keys
+        self._keys = self.task.predict_keys or model.input_keys
         if self.family.modality == "image":
             from ftjax.data import images
 

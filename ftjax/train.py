@@ -365,7 +365,7 @@ def initial_state(run: Run) -> tuple[Any, LoopState, str]:
 def evaluate(run: Run, variables, split: str) -> dict[str, float]:
     """Runs the task's predict over every example of `split`; returns its evaluators' metrics."""
     evaluators = run.task.evaluators()
-    predict_keys = getattr(run.task, "predict_keys", None) or run.model.input_keys
+    predict_keys = run.task.predict_keys or run.model.input_keys
     row_keys = (*run.task.eval_keys, "mask")
     for batch in run.data.eval_batches(split):
         out = run.eval_step(variables, step_lib.shard_batch({k: batch[k] for k in predict_keys}, run.mesh))

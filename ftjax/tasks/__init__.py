@@ -11,13 +11,15 @@ A task owns
     split data (`ftjax.data.pipeline.SplitData`: `train_batches(start_step)`,
     `eval_batches(split)`, `steps_per_epoch`, `has_split`, `tokenizer`, `export_meta()`);
   * the model it wraps around the family's encoder (a head, or a decoder):
-    `build_model(family, encoder_config, options)`, a Linen module with `input_keys`
+    `build_model(family_name, model_config, options)` (the family's registry name, its config
+    dict, `models.EncoderOptions`), a Linen module with `input_keys`
     (the batch keys it is called with, in order) and `dummy_inputs()` (for init);
   * the train loss and metrics: `loss(outputs, batch) -> (scalar loss, {name: scalar})`,
     from the model's train-mode outputs and the batch (gradient accumulation averages
     both over micro-batches);
   * the eval prediction, on device: `predict(model, variables, batch)` -> a pytree of
-    [B, ...] arrays (classification: logits);
+    [B, ...] arrays (classification: logits); it gets the batch keys `predict_keys`
+    (default: the model's `input_keys`; a decoder decodes without the teacher-forced ones);
   * its evaluators (big_vision style): `evaluators()` -> objects with
     `update(predictions, rows)` and `result() -> {name: value}`; `predictions` are the
     host copies of `predict`'s output and `rows` the batch keys `eval_keys` plus "mask"
@@ -32,7 +34,7 @@ without touching train.py or step.py; tests/toy_seq2seq.py is a working one:
 
     class Seq2Seq(Task):
         eval_keys = ("labels", "label_mask")       # reference token ids, their mask
-        def build_model(self, family, cfg, options):
+        def build_model(self, family_name, model_config, options):
             # encoder + decoder (the family's), called as
             # model(*encoder_inputs, decoder_input_ids, train=...) -> logits [B, T, V]
         def loss(self, logits, batch):
@@ -79,6 +81,7 @@ class Task:
 
     name: ClassVar[str]
     eval_keys: ClassVar[tuple[str, ...]] = ()
+    predict_keys: ClassVar[tuple[str, ...] | None] = None  # None: the model's input_keys
 
     @classmethod
     def load_data(cls, config, family, process_index: int, process_count: int):
@@ -92,7 +95,7 @@ class Task:
     def from_meta(cls, meta: dict) -> "Task":
         raise NotImplementedError
 
-    def build_model(self, family, encoder_config, options):
+    def build_model(self, family_name: str, model_config: dict, options):
         raise NotImplementedError
 
     def loss(self, outputs, batch: dict) -> tuple[Any, dict[str, Any]]:
