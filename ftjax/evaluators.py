@@ -86,8 +86,7 @@ class SequenceMetrics:
     reference length given by `rows["label_mask"]`; predictions are cut or padded to it).
     """
 
-    def __init__(self, eos_id: int | None = None):
-        self.eos_id = eos_id
+    def __init__(self):
         self._exact, self._correct, self._tokens, self._n = 0, 0, 0, 0
 
     def update(self, predictions: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> None:

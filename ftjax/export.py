@@ -93,9 +93,7 @@ def finish(run, state, loop, *, start_from: str, compile_s: float | None, writer
     from ftjax import train
 
     final_step = int(state.step)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=run.replicated),
-                            ckpt_lib.best_tree(run.state_shapes))
-    best = run.checkpointer.restore_best(abstract)
+    best = run.checkpointer.restore_best(step_lib.abstract(ckpt_lib.best_tree(run.state_shapes), run.replicated))
     best_step = run.checkpointer.best_step()
     if best is None:
         best, best_step = ckpt_lib.best_tree(state), final_step

@@ -57,6 +57,11 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def abstract(tree: Any, sharding) -> Any:
+    """`tree`'s shapes and dtypes as ShapeDtypeStructs placed on `sharding` (restore targets)."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
     """Host-local numpy rows -> global arrays split over the mesh's "data" axis."""
     sharding = data_sharded(mesh)

@@ -162,10 +162,6 @@ def _check_settings(config: ml_collections.ConfigDict, num_devices: int) -> None
                         f"the {num_devices} devices")
 
 
-def _abstract(tree: Any, sharding) -> Any:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
-
-
 def resolve_model(config: ml_collections.ConfigDict):
     """(family name, FamilySpec, model config dict, pretrained folder or None) of `config.model`.
 
@@ -228,9 +224,8 @@ def load_pretrained_variables(config, family, model_dir, variables):
     if family.load is not None:
         loaded = family.load(loaded, variables)
     dont_load = tuple(config.model.dont_load) + methods.added_params()
-    present = tree_lib.flatten(loaded.get("params", {}))
     # parameters the family allows a checkpoint to lack (a pooler), where this one lacks them
-    dont_load += tuple(p for p in family.optional if not any(tree_lib.any_match(k, (p,)) for k in present))
+    dont_load += tree_lib.unmatched(family.optional, loaded.get("params", {}))
     head, fresh_head = loaded.get("params", {}).get("head"), variables["params"].get("head")
     if head is not None and fresh_head is not None:
         old, new = np.shape(head.get("bias", ()))[-1:], np.shape(fresh_head.get("bias", ()))[-1:]
@@ -336,7 +331,7 @@ def initial_state(run: Run) -> tuple[Any, LoopState, str]:
     config, replicated = run.config, run.replicated
     latest = run.checkpointer.latest_step()
     if latest is not None:
-        state, extra = run.checkpointer.restore(_abstract(run.state_shapes, replicated), latest)
+        state, extra = run.checkpointer.restore(step_lib.abstract(run.state_shapes, replicated), latest)
         return state, LoopState.from_checkpoint(extra), f"resumed from {run.workdir} at step {latest}"
     init_fn, params_rng, make_state = run.init
     variables = jax.device_get(init_fn(params_rng))
@@ -344,9 +339,7 @@ def initial_state(run: Run) -> tuple[Any, LoopState, str]:
         loaded, _ = ckpt_lib.load_export(config.init_from)
         # Exports hold plain models where the method merges: method parameters the
         # export lacks start fresh; those it has (adapters, prompts) are loaded.
-        present = tree_lib.flatten(loaded)
-        absent = tuple(p for p in methods.added_params()
-                       if not any(tree_lib.any_match(k, (p,)) for k in present))
+        absent = tree_lib.unmatched(methods.added_params(), loaded)
         variables["params"] = tree_lib.merge(loaded, variables["params"], dont_load=absent)
         for collection, value in ckpt_lib.load_export_model_state(config.init_from).items():
             if collection in variables:

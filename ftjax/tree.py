@@ -92,6 +92,12 @@ def any_match(path: str, patterns: Iterable[str]) -> bool:
     return any(re.fullmatch(p, path) for p in patterns)
 
 
+def unmatched(patterns: Iterable[str], tree: Mapping[str, Any]) -> tuple[str, ...]:
+    """The patterns that match no "a/b/c" path of `tree` (what a checkpoint lacks)."""
+    paths = list(flatten(tree))
+    return tuple(p for p in patterns if not any(re.fullmatch(p, k) for k in paths))
+
+
 def merge(loaded: Mapping[str, Any], init: Mapping[str, Any], dont_load: Sequence[str] = ()) -> dict:
     """Strictly merges `loaded` params into `init` params.
 

@@ -220,7 +220,7 @@ class Seq2Seq(Task):
         return {"tokens": out}
 
     def evaluators(self):
-        return [evaluators.SequenceMetrics(eos_id=EOS)]
+        return [evaluators.SequenceMetrics()]
 
     def export_meta(self):
         return {"task": "tests.toy_seq2seq"}
