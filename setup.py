@@ -5,8 +5,8 @@ import setuptools
 setuptools.setup(
     name="ftjax",
     version="0.1.0",
-    description="Fine-tuning pretrained text and image encoders (BERT, MiniLM, ViT, ResNet, "
-                "EfficientNet-Lite) with JAX, Flax and Optax.",
+    description="Fine-tuning pretrained text, image and speech models (BERT, MiniLM, ViT, ResNet, "
+                "EfficientNet-Lite, Whisper) with JAX, Flax and Optax.",
     packages=setuptools.find_packages(include=["ftjax", "ftjax.*"]),
     python_requires=">=3.11",
     install_requires=[
@@ -32,6 +32,9 @@ setuptools.setup(
         "pillow>=10",  # image decoding and resizing
         "sentencepiece>=0.2,<0.3",  # converts SentencePiece models (DeBERTa-v3 spm.model) to fast tokenizers
         "protobuf>=4",  # read by that conversion
+        "soundfile>=0.12,<0.15",  # audio decoding (libsndfile: WAV, FLAC, OGG, MP3)
+        "soxr>=0.5,<2",  # resampling to 16 kHz
+        "jiwer>=3,<5",  # word and character error rates
     ],
     # scikit-image: the sample photos of the EfficientNet-Lite0 top-1 test
     extras_require={"test": ["pytest>=8,<10", "scikit-image>=0.24"]},

@@ -134,6 +134,39 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mean = (123.675, 116.28, 103.53)
     c.data.std = (58.395, 57.12, 57.375)
     c.data.num_threads = 2             # image decode/resize threads (PIL releases the GIL)
+    # ---- speech data (ftjax/data/speech.py, ftjax/data/audio.py) ----
+    # A speech dataset: data.name "speech_manifest" (data.files.* manifests of
+    # audio_path,text), "audio_folder" (data.speech.root), "accent_speech" (the offline
+    # espeak-ng accent demo: train/dev/test plus dev_control/test_control) or a TFDS
+    # catalog name with an Audio feature ("librispeech", "common_voice/en"; need TensorFlow).
+    # Audio is decoded and log-mel'ed by data.num_threads read threads.
+    c.data.max_audio_seconds = 30.0    # the model's audio window (Whisper: 30); longer manifest clips are bad rows
+    c.data.max_target_length = 128     # decoder tokens (prompt + text + end); longer transcripts are cut
+    c.data.speech = ml_collections.ConfigDict()
+    c.data.speech.n_mels = 80          # mel bands of the input features (128 for large-v3)
+    c.data.speech.audio_column = "audio_path"  # speech_manifest: audio paths, relative to the manifest
+    c.data.speech.text_column = "text"         # speech_manifest / audio_folder: the transcript column
+    c.data.speech.speaker_column = "speaker"   # optional in the files
+    c.data.speech.root = placeholder(str)      # audio_folder: ROOT/{train,dev,test}/metadata.csv|jsonl
+    # TFDS catalog speech datasets: None picks the only Audio feature, the first of
+    # text/sentence/transcript, and the feature's declared sample rate.
+    c.data.speech.audio_key = placeholder(str)
+    c.data.speech.text_key = placeholder(str)
+    c.data.speech.sample_rate = placeholder(int)
+    c.data.speech.extra_eval_splits = ()       # further catalog splits evaluated under their own names
+    # accent_speech: espeak-ng accents, voice variants, split sizes, per-clip speed/pitch ranges.
+    c.data.speech.accent = "en-029"            # the target accent (train, dev, test)
+    c.data.speech.control_accent = "en-us"     # dev_control, test_control
+    c.data.speech.voices = ("m1", "m3", "m5", "f1", "f2", "f4")
+    c.data.speech.train_size = 1000
+    c.data.speech.dev_size = 100
+    c.data.speech.test_size = 100
+    c.data.speech.control_size = 100           # each of dev_control and test_control; 0: none
+    c.data.speech.seed = 0                     # sentence deal and per-clip voice/speed/pitch
+    c.data.speech.speeds = (145, 185)          # words a minute, inclusive
+    c.data.speech.pitches = (30, 70)           # espeak-ng pitch, inclusive
+    c.data.speech.max_seconds = 10.0           # longer synthesized clips are dropped
+    c.data.speech.workers = 2                  # parallel espeak-ng processes while preparing
 
     # ---- schedule & optimiser -------------------------------------------------
     c.batch_size = 32                  # global batch size (examples per optimizer step)
@@ -166,6 +199,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.metric = "accuracy"                   # dev metric used for best-k and early stopping
     c.metric_mode = "max"
     c.early_stopping_patience = 0           # evals without improvement; 0 disables
+    # Score every eval split once before the first step too (summary "before": a
+    # zero-shot baseline measured with the same data and decoding settings).
+    c.eval_before_training = False
+    # Sequence outputs (speech recognition): decoding on device at evaluation.
+    c.generation = ml_collections.ConfigDict()
+    c.generation.beams = 1                  # 1: greedy; > 1: beam search
+    c.generation.max_new_tokens = 96        # tokens generated after the prompt
+    c.generation.length_penalty = 1.0       # beam choice: sum log p / length ** length_penalty
+    c.generation.language = placeholder(str)  # multilingual Whisper: language code ("en"); None: English-only
     # A NaN/Inf train loss or gradient: "stop" (one line naming the step and metric; the
     # last checkpoint, saved before it, stays) or "skip" (that update is dropped).
     c.nonfinite = "stop"

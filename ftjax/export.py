@@ -104,12 +104,15 @@ def finish(run, state, loop, *, start_from: str, compile_s: float | None, writer
         "trainable_params": run.trainable_params, "start": start_from,
         "dev": train.evaluate(run, variables, "dev"),
         "test": train.evaluate(run, variables, "test") if run.data.has_split("test") else None,
+        **{split: train.evaluate(run, variables, split) for split in train.eval_splits(run) if split not in ("dev", "test")},
         "train_time_s": train_time,
         "examples_per_s": loop.examples_seen / train_time if train_time else None,
         "tokens_per_s": loop.tokens_seen / train_time if train_time and loop.tokens_seen else None,
         "stopped_early": loop.stopped_early, "num_devices": run.mesh.size, "compile_s": compile_s,
         "skipped_steps": loop.skipped_steps, "method": run.config.method, **run.task.summary(),
     }
+    if loop.before is not None:
+        summary["before"] = loop.before
     is_main = jax.process_index() == 0
     if run.config.export:
         summary["export"] = (write_export(run, best["params"], best["model_state"], best_step) if is_main
@@ -161,22 +164,23 @@ def export_hf(workdir: str, out: str, fmt: str = "hf") -> pathlib.Path:
     mapping = family.converter_module()
     if not hasattr(mapping, "to_hf"):
         raise UserError(f"the {meta['family']} family has no HF export")
-    if meta.get("task", "classification") not in ("classification", "regression"):
-        raise UserError(f"HF export writes classifiers, not {meta['task']!r} models")
     pooling = meta.get("pooling", "pooler")
     if fmt == "auto":
         fmt = "sentence_transformers" if pooling in ST_POOLINGS else "hf"
     src = pathlib.Path(workdir)
     src = src / "export" if (src / "export").is_dir() else src
     if fmt == "hf":
-        return _write_hf(family, mapping, params, meta, src, pathlib.Path(out))
+        return _write_hf(family, mapping, params, {**meta, "export_dir": str(src)}, src, pathlib.Path(out))
+    if meta.get("task", "classification") not in ("classification", "regression"):
+        raise UserError(f"a sentence-transformers export computes a classifier, not a {meta['task']!r} model")
     return _write_sentence_transformers(family, mapping, params, meta, src, pathlib.Path(out))
 
 
 def _write_hf(family, mapping, params, meta: dict, src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
-    """The <Family>ForSequenceClassification folder: config.json with the labels, weights, tokenizer."""
+    """The HF folder: config.json (+ the task's files: a classifier's labels), weights, tokenizer."""
     from safetensors.numpy import save_file
 
+    from ftjax import tasks
     from ftjax import tree as tree_lib
 
     if family.hf_export is None:
@@ -189,19 +193,16 @@ def _write_hf(family, mapping, params, meta: dict, src: pathlib.Path, dst: pathl
             raise UserError(f"{e}; or export it as a sentence-transformers folder: "
                             "--format=sentence_transformers") from None
         raise
+    files = tasks.get(meta.get("task") or "classification").hf_files(meta)
     dst.mkdir(parents=True, exist_ok=True)
-    labels = list(meta["label_names"])
     hf = dict(meta["model_config"])
-    hf.update({
-        "architectures": [family.hf_export.architecture], "model_type": family.hf_export.model_type,
-        "num_labels": meta["num_labels"],
-        "problem_type": "regression" if meta["num_labels"] == 1 else "single_label_classification",
-        "id2label": {str(i): n for i, n in enumerate(labels)},
-        "label2id": {n: i for i, n in enumerate(labels)},
-    })
+    hf.update({"architectures": [family.hf_export.architecture], "model_type": family.hf_export.model_type,
+               **files.pop("config.json", {})})
     tensors = mapping.to_hf(tree_lib.flatten(params))
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for name, content in files.items():
+        (dst / name).write_text(json.dumps(content, indent=2) + "\n")
     _copy_tokenizer(src, dst)
     return dst
 

@@ -1,4 +1,4 @@
-"""Run an exported ftjax model on raw inputs (texts, or image files / bytes), in Python.
+"""Run an exported ftjax model on raw inputs (texts, image or audio files / bytes), in Python.
 
   from ftjax.inference import Predictor
   Predictor("W")(["a fine film"])  ->  [("pos", 0.93)]
@@ -14,7 +14,7 @@ from typing import Sequence
 
 
 class Predictor:
-    """Runs an exported model on raw texts, or on image files / encoded image bytes."""
+    """Runs an exported model on raw texts, image files / encoded image bytes, or audio files."""
 
     def __init__(self, path: str):
         import jax
@@ -23,8 +23,13 @@ class Predictor:
         from ftjax import models, tasks
         from ftjax.models.layers import Peft
 
+        from etils import epath
+
         params, meta = ckpt_lib.load_export(path)
-        self.meta = meta
+        export_dir = epath.Path(path)
+        if (export_dir / "export").exists():
+            export_dir = export_dir / "export"
+        self.meta = meta = {**meta, "export_dir": str(export_dir)}
         self.family = models.family(meta["family"])
         self.task = tasks.from_meta(meta)
         self.variables = {"params": params, **ckpt_lib.load_export_model_state(path)}
@@ -39,19 +44,9 @@ class Predictor:
             self.preprocess = images.ImagePreprocess(**{
                 k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()})
         elif self.family.modality == "text":
-            from etils import epath
-
             from ftjax.data import tokenizer as tok_lib
 
-            export_dir = epath.Path(path)
-            if (export_dir / "export").exists():
-                export_dir = export_dir / "export"
             self.tokenizer = tok_lib.load_tokenizer(export_dir / "tokenizer")
-        else:
-            from ftjax.errors import UserError
-
-            raise UserError(f"Predictor reads text and images; the {self.family.name} family takes "
-                            f"{self.family.modality}")
 
     def _images(self, inputs: Sequence) -> dict:
         import numpy as np
@@ -76,6 +71,17 @@ class Predictor:
                                 f"image ({type(e).__name__})") from None
         return {"image": np.stack(batch)}
 
+    def _audio(self, inputs: Sequence) -> dict:
+        import numpy as np
+
+        from ftjax.data import audio
+
+        seconds = float(self.meta.get("max_audio_seconds", 30.0))
+        n_mels = int(self.meta.get("n_mels", 80))
+        features = [audio.log_mel(audio.read_audio(item, max_seconds=seconds), n_mels=n_mels, seconds=seconds)
+                    for item in inputs]
+        return {"input_features": np.stack(features)}
+
     def _texts(self, inputs: Sequence[str], pairs: Sequence[str] | None) -> dict:
         from ftjax.data.pipeline import pad_encoded
 
@@ -94,6 +100,11 @@ class Predictor:
         """
         import jax
 
-        batch = self._images(inputs) if self.family.modality == "image" else self._texts(inputs, pairs)
+        if self.family.modality == "image":
+            batch = self._images(inputs)
+        elif self.family.modality == "audio":
+            batch = self._audio(inputs)
+        else:
+            batch = self._texts(inputs, pairs)
         out = self._predict(self.variables, {k: batch[k] for k in self._keys})
         return self.task.render(jax.device_get(out))

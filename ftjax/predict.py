@@ -2,6 +2,7 @@
 
   python -m ftjax.predict --workdir=W "text" ...       # a text model
   python -m ftjax.predict --workdir=W photo.jpg ...    # an image model: image files
+  python -m ftjax.predict --workdir=W clip.wav ...     # a speech model: audio files (the transcript)
 
 Loads the params-only export (W/export) with its tokenizer or image preprocessing and
 prints one line per input, as its task renders it: the label and its probability
@@ -32,7 +33,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     texts = argv[1:]
     if not texts:
-        raise app.UsageError('give one or more texts (or image files): python -m ftjax.predict --workdir=W "text" ...')
+        raise app.UsageError('give one or more texts (or image / audio files): python -m ftjax.predict --workdir=W "text" ...')
     with cli.user_errors():
         predictor = Predictor(_WORKDIR.value)
         for start in range(0, len(texts), _BATCH.value):

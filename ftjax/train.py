@@ -91,6 +91,7 @@ class LoopState:
     tokens_seen: int = 0  # tokens of those, padding included (0 for images)
     stopped_early: bool = False
     skipped_steps: int = 0  # non-finite steps dropped with config.nonfinite="skip"
+    before: dict | None = None  # eval split -> metrics before the first step (config.eval_before_training)
 
     @classmethod
     def from_checkpoint(cls, extra: dict) -> "LoopState":
@@ -374,6 +375,26 @@ def evaluate(run: Run, variables, split: str) -> dict[str, float]:
     return metrics
 
 
+def eval_splits(run: Run) -> list[str]:
+    """The run's evaluation roles: dev, test when present, then any further the data offers."""
+    extra = [s for s in getattr(run.data, "eval_splits", ()) if s not in ("dev", "test")]
+    return ["dev"] + (["test"] if run.data.has_split("test") else []) + extra
+
+
+def evaluate_before_training(run: Run, state, loop: LoopState, writer: MetricWriter) -> None:
+    """With config.eval_before_training, scores every eval split once with the starting
+    parameters (a zero-shot baseline); the result rides in the loop state, so a resumed
+    run keeps it."""
+    if not run.config.eval_before_training or loop.before is not None:
+        return
+    variables = step_lib.variables_of(state.params, state.model_state)
+    loop.before = {split: evaluate(run, variables, split) for split in eval_splits(run)}
+    writer.write(int(state.step), {f"before_{split}/{k}": v for split, m in loop.before.items()
+                                   for k, v in m.items()})
+    info("before training: " + "; ".join(f"{split} {run.config.metric} {m.get(run.config.metric)}"
+                                         for split, m in loop.before.items()))
+
+
 def evaluate_and_track(run: Run, state, loop: LoopState, step: int, writer: MetricWriter) -> dict:
     """Dev evaluation at `step`: log it, track the best value, decide early stopping; returns it."""
     config = run.config
@@ -457,6 +478,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = ProgressBar(total, start, enabled=is_main and config.progress_bar)
     pending = _Pending(config.nonfinite, loop)
     pending.last_saved = checkpointer.latest_step()
+    with watch.aside():
+        evaluate_before_training(run, state, loop, writer)
     window_t, window_ex, window_tok = time.perf_counter(), 0, 0
     batches = run.data.train_batches(start_step=start) if start < total and not loop.stopped_early else iter(())
     try:

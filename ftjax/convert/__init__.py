@@ -1,8 +1,9 @@
 """Pretrained weights -> ftjax variable trees, cached as Orbax checkpoints.
 
 Sources: HF snapshot folders (model.safetensors, a sharded index, or PyTorch
-pytorch_model.bin read by the torch-free reader), EfficientNet-PyTorch .pth files and
-ONNX encoder exports beside a config.json (ftjax.convert.onnx_io).
+pytorch_model.bin read by the torch-free reader), EfficientNet-PyTorch .pth files,
+ONNX encoder exports beside a config.json (ftjax.convert.onnx_io) and CTranslate2
+folders such as faster-whisper's (ftjax.convert.ctranslate2).
 
   python -m ftjax.convert SRC DST    # SRC: HF folder, hub name or asset:NAME
 """
@@ -21,18 +22,23 @@ from ftjax import tree as tree_lib
 from ftjax.convert.safetensors_io import ConvertError, read_safetensors_folder
 
 __all__ = ["ConvertError", "convert_folder", "convert_variables", "load_pretrained", "load_pretrained_variables"]
-_CACHE_VERSION = "2"  # bump when a converter's output changes
+_CACHE_VERSION = "3"  # bump when a converter's output changes
 
 
 def read_weights(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     """Every tensor of a folder, in HF names and layout.
 
+    A CTranslate2 model.bin (told by its header) first, in CTranslate2's names; else
     safetensors if there, else one PyTorch .bin/.pth (safe reader), else one .onnx export
     (its initializers mapped onto HF names by the folder's config.json model_type).
     """
+    from ftjax.convert import ctranslate2
+
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise ConvertError(f"model folder {model_dir} does not exist")
+    if ctranslate2.is_ct2_file(model_dir / "model.bin"):
+        return ctranslate2.read(model_dir / "model.bin").variables
     if (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file():
         return read_safetensors_folder(model_dir)
     torch_files = sorted(model_dir.glob("*.bin")) + sorted(model_dir.glob("*.pth"))
@@ -154,7 +160,11 @@ def write_converted(src: str, dst: str, family: str = "bert") -> int:
     save_params(dst_path / "params", params)
     if len(variables) > 1:
         save_params(dst_path / "model_state", {k: v for k, v in variables.items() if k != "params"})
-    if (model_dir / "config.json").is_file():
+    from ftjax.convert import ctranslate2
+
+    if ctranslate2.is_ct2_file(model_dir / "model.bin"):  # its config.json is CTranslate2's own
+        (dst_path / "config.json").write_text(json.dumps(ctranslate2.hf_config(model_dir), indent=2) + "\n")
+    elif (model_dir / "config.json").is_file():
         shutil.copy(model_dir / "config.json", dst_path / "config.json")
     (dst_path / "source.json").write_text(json.dumps({"source": str(model_dir), "family": family}) + "\n")
     return tree_lib.count_params(params)

@@ -1,8 +1,12 @@
 """Random-access TFDS sources for the splits a config names, without TensorFlow.
 
-Three kinds of `config.data.name`:
+Four kinds of `config.data.name`:
   * "rotten_tomatoes", "local_text": ftjax's own text builders (ftjax/data/builders).
   * "fashion_mnist", "image_folder": ftjax's own image builders.
+  * "speech_manifest", "audio_folder", "accent_speech": ftjax's own speech builders
+    (16 kHz int16 `audio`, `text`); a catalog dataset with a TFDS Audio feature
+    ("librispeech", "common_voice/en") is speech too (TFDS's Audio feature needs
+    TensorFlow installed).
   * anything else: a TFDS catalog name ("glue/sst2", "imdb_reviews", "cifar10",
     "oxford_iiit_pet"), prepared with
     `tfds.builder(name).download_and_prepare(file_format="array_record")`.
@@ -33,12 +37,16 @@ _LEGACY_MODULES = {
     "glue": "tensorflow_datasets.text.glue",
     "super_glue": "tensorflow_datasets.text.super_glue",
     "imdb_reviews": "tensorflow_datasets.text.imdb",
+    "common_voice": "tensorflow_datasets.audio.commonvoice",
 }
 
 ROLES = ("train", "dev", "test")
 # ftjax builders whose splits are the roles themselves, and whose features are fixed.
 _ROLE_SPLITS = ("local_text", "image_folder")
 _IMAGE_BUILDERS = ("fashion_mnist", "image_folder")
+_SPEECH_BUILDERS = ("speech_manifest", "audio_folder", "accent_speech")
+# Transcript features of catalog speech datasets, tried in order (data.speech.text_key overrides).
+_SPEECH_TEXT_KEYS = ("text", "sentence", "transcript")
 
 
 @dataclasses.dataclass
@@ -56,6 +64,10 @@ class Sources:
       regression: float labels.
       image_key: feature key of the image (a uint8 array [H, W, C], or encoded image
         bytes for image_folder); None for text datasets.
+      audio_key: feature key of the audio (samples [n] or [n, channels]) of a speech
+        dataset, whose text_keys is (transcript key,); None otherwise. Speech roles
+        may go beyond ROLES (e.g. "dev_control").
+      sample_rate: the audio's sample rate (Hz).
     """
 
     name: str
@@ -66,6 +78,8 @@ class Sources:
     label_names: list[str]
     regression: bool
     image_key: str | None = None
+    audio_key: str | None = None
+    sample_rate: int | None = None
 
 
 def default_data_dir(config) -> str:
@@ -94,7 +108,7 @@ def catalog_builder(name: str, data_dir: str):
     except tfds.core.registered.DatasetNotFoundError:
         pass
     except Exception as e:  # e.g. an unknown config of a known dataset
-        raise UserError(f"TFDS dataset {name!r}: {' '.join(str(e).split())[:300]}") from None
+        raise _builder_error(name, e) from None
     # tfds.list_builders() needs TensorFlow, so guess the legacy module instead.
     for module in (_LEGACY_MODULES.get(family), f"tensorflow_datasets.text.{family}"):
         if not module:
@@ -106,9 +120,16 @@ def catalog_builder(name: str, data_dir: str):
         try:
             return tfds.builder(name, data_dir=data_dir)
         except Exception as e:
-            raise UserError(f"TFDS dataset {name!r}: {' '.join(str(e).split())[:300]}") from None
+            raise _builder_error(name, e) from None
     raise UserError(f"unknown dataset {name!r}: not an ftjax builder ({', '.join(builders.BUILDERS)}) "
                     "nor a TFDS catalog name such as glue/sst2 or imdb_reviews")
+
+
+def _builder_error(name: str, e: Exception) -> UserError:
+    if "No module named 'tensorflow'" in str(e):  # e.g. TFDS's Audio feature (librispeech)
+        return UserError(f"TFDS dataset {name!r} needs TensorFlow (pip install tensorflow-cpu); without it, "
+                         "put the audio in a manifest: data.name=speech_manifest or audio_folder")
+    return UserError(f"TFDS dataset {name!r}: {' '.join(str(e).split())[:300]}")
 
 
 def _prepare_catalog(name: str, data_dir: str):
@@ -176,6 +197,8 @@ def load_sources(config) -> Sources:
         builder = _prepare_catalog(d.name, data_dir)
 
     features = builder.info.features
+    if d.name in _SPEECH_BUILDERS or _audio_keys(features):
+        return _speech_sources(config, builder, data_dir)
     if d.name in _ROLE_SPLITS:
         names = {r: r for r, f in (("train", d.files.train), ("dev", d.files.dev),
                                    ("test", d.files.test)) if f}
@@ -206,6 +229,37 @@ def load_sources(config) -> Sources:
     if d.regression and not regression:
         raise UserError(f"data.regression=True but {label_key!r} of {d.name} is a class label")
 
+    splits = _open_splits(builder, names, d.name, data_dir)
+    return Sources(name=d.name, splits=splits, split_names=names, text_keys=text_keys,
+                   label_key=label_key, label_names=label_names, regression=regression,
+                   image_key=image_key)
+
+
+def _audio_keys(features) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    return [k for k, f in features.items() if isinstance(f, tfds.features.Audio)]
+
+
+def _speech_keys(config, features) -> tuple[str, str, int]:
+    """(audio key, transcript key, sample rate) of a catalog speech dataset."""
+    d, s = config.data, config.data.speech
+    audio = _audio_keys(features)
+    audio_key = s.audio_key or (audio[0] if len(audio) == 1 else None)
+    if audio_key not in audio:
+        raise UserError(f"data.speech.audio_key={s.audio_key!r} must name one of the audio features of "
+                        f"{d.name}: {', '.join(audio)}")
+    text_key = s.text_key or next((k for k in _SPEECH_TEXT_KEYS if k in features), None)
+    if text_key not in features:
+        raise UserError(f"set data.speech.text_key to the transcript feature of {d.name}; "
+                        f"features: {', '.join(features)}")
+    rate = s.sample_rate or getattr(features[audio_key], "sample_rate", None)
+    if not rate:
+        raise UserError(f"the audio of {d.name} declares no sample rate: set data.speech.sample_rate")
+    return audio_key, text_key, int(rate)
+
+
+def _open_splits(builder, names: dict[str, str], name: str, data_dir: str) -> dict[str, Any]:
     try:
         known = [str(s) for s in builder.info.splits]
     except Exception:  # split info unknown (e.g. under tfds.testing.mock_data)
@@ -213,13 +267,32 @@ def load_sources(config) -> Sources:
     splits = {}
     for role, split in names.items():
         if known and split.split("[")[0] not in known:
-            raise UserError(f"data.{role}_split={split!r} is not a split of {d.name}; "
+            raise UserError(f"data.{role}_split={split!r} is not a split of {name}; "
                             f"splits: {', '.join(known)}")
         try:
             splits[role] = builder.as_data_source(split=split)
         except Exception as e:
-            raise UserError(f"cannot open split {split!r} of {d.name} in {data_dir} (it must be "
+            raise UserError(f"cannot open split {split!r} of {name} in {data_dir} (it must be "
                             f"prepared as array_record): {' '.join(str(e).split())[:200]}") from None
-    return Sources(name=d.name, splits=splits, split_names=names, text_keys=text_keys,
-                   label_key=label_key, label_names=label_names, regression=regression,
-                   image_key=image_key)
+    return splits
+
+
+def _speech_sources(config, builder, data_dir: str) -> Sources:
+    """Sources of a speech dataset: every split of ftjax's builders is a role of its own
+    name (train, dev, test, dev_control, ...); a catalog dataset maps data.{train,dev,test}_split
+    to the roles and adds data.speech.extra_eval_splits under their own names."""
+    d = config.data
+    if d.name in _SPEECH_BUILDERS:
+        audio_key, text_key, rate = "audio", "text", 16000
+        names = {str(s): str(s) for s in builder.info.splits}
+    else:
+        audio_key, text_key, rate = _speech_keys(config, builder.info.features)
+        names = {r: s for r, s in (("train", d.train_split), ("dev", d.dev_split),
+                                   ("test", d.test_split)) if s}
+        for split in d.speech.extra_eval_splits:
+            if split in names:
+                raise UserError(f"data.speech.extra_eval_splits: {split!r} is a role already")
+            names[split] = split
+    return Sources(name=d.name, splits=_open_splits(builder, names, d.name, data_dir), split_names=names,
+                   text_keys=(text_key,), label_key="", label_names=[], regression=False,
+                   audio_key=audio_key, sample_rate=rate)

@@ -92,6 +92,21 @@ class TextTokenizer:
         return [(e.ids, e.type_ids) for e in encodings]
 
 
+def tokenizer_folder(config):
+    """The folder of the run's tokenizer files: `config.model.tokenizer` (a folder or
+    asset:NAME), else the pretrained model's folder (an epath.Path)."""
+    from etils import epath
+
+    from ftjax import assets
+
+    if not (config.model.tokenizer or config.model.pretrained):
+        raise UserError("set config.model.tokenizer (a folder with tokenizer files) or config.model.pretrained")
+    name = config.model.tokenizer
+    if name:
+        return epath.Path(assets.fetch(name[len("asset:"):]) if name.startswith("asset:") else name)
+    return epath.Path(assets.resolve_model_dir(config.model.pretrained))
+
+
 def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
     """Loads the fast tokenizer of a model folder (an HF snapshot or an export).
 

@@ -28,6 +28,7 @@ FAMILIES = {
     "electra": "ftjax.models.electra",
     "deberta_v2": "ftjax.models.deberta_v2",
     "mpnet": "ftjax.models.mpnet",
+    "whisper": "ftjax.models.whisper",
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -60,8 +61,14 @@ def load_hf_config(model_dir: str | pathlib.Path, family: str | None = None, var
     """Reads `config.json` of an HF-layout folder.
 
     A folder without one (the EfficientNet-Lite .pth asset) takes the config of the
-    named `variant` of `family` instead.
+    named `variant` of `family` instead. A CTranslate2 folder (its model.bin, told by
+    its header; its config.json is CTranslate2's own) gets the config its weights,
+    tokenizer and CTranslate2 config.json show.
     """
+    from ftjax.convert import ctranslate2
+
+    if ctranslate2.is_ct2_file(pathlib.Path(model_dir) / "model.bin"):
+        return ctranslate2.hf_config(model_dir)
     path = pathlib.Path(model_dir) / "config.json"
     if not path.is_file():
         if variant and family:

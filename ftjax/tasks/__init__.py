@@ -61,11 +61,13 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from ftjax import plugins
+from ftjax.errors import UserError
 
 # The registry: task name -> module exporting TASK.
 TASKS = {
     "classification": "ftjax.tasks.classification",
     "regression": "ftjax.tasks.regression",
+    "speech_recognition": "ftjax.tasks.speech",
 }
 
 
@@ -119,6 +121,13 @@ class Task:
 
     def render(self, predictions) -> list:
         raise NotImplementedError
+
+    @classmethod
+    def hf_files(cls, meta: dict) -> dict[str, dict]:
+        """What an HF export of this task writes besides the weights: file name -> JSON;
+        "config.json" holds the keys added to the model's config (the labels of a
+        classifier). The default: the task has no HF form."""
+        raise UserError(f"HF export has no form for {meta.get('task')!r} models")
 
 
 def get(name: str) -> type[Task]:

@@ -191,19 +191,9 @@ def load_labelled_data(config, family: FamilySpec, process_index: int, process_c
     if family.modality != "text":
         raise UserError(f"the {family.name} family takes {family.modality} inputs; labelled data is "
                         "read for text and image models")
-    from etils import epath
-
     from ftjax.data import pipeline, tokenizer as tok_lib
 
-    if not (config.model.tokenizer or config.model.pretrained):
-        raise UserError("set config.model.tokenizer (a folder with tokenizer files) or config.model.pretrained")
-    from ftjax import assets
-
-    if config.model.tokenizer:  # a folder, or asset:NAME (a pinned model's tokenizer files)
-        name = config.model.tokenizer
-        tok_dir = epath.Path(assets.fetch(name[len("asset:"):]) if name.startswith("asset:") else name)
-    else:
-        tok_dir = epath.Path(assets.resolve_model_dir(config.model.pretrained))
+    tok_dir = tok_lib.tokenizer_folder(config)
     return pipeline.TextData(config, tok_lib.load_tokenizer(tok_dir), process_index=process_index,
                              process_count=process_count, tokenizer_dir=tok_dir)
 
@@ -252,6 +242,15 @@ class Classification(Task):
     def export_meta(self):
         return {"task": self.name, "num_labels": self.num_labels, "label_names": self.label_names,
                 "pooling": self.pooling}
+
+    @classmethod
+    def hf_files(cls, meta):
+        labels = list(meta["label_names"])
+        return {"config.json": {
+            "num_labels": meta["num_labels"],
+            "problem_type": "regression" if meta["num_labels"] == 1 else "single_label_classification",
+            "id2label": {str(i): n for i, n in enumerate(labels)},
+            "label2id": {n: i for i, n in enumerate(labels)}}}
 
     def fingerprint(self):
         return {"num_labels": self.num_labels}

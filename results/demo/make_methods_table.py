@@ -22,9 +22,9 @@ def main(runs: pathlib.Path) -> str:
         "method (all-MiniLM-L6-v2, Rotten Tomatoes by-movie split, 2 epochs, batch 32, each",
         "method's usual learning rate from `METHOD_LR` in the config) on a 2-core CPU, and this",
         "table is made from the runs' `summary.json` by `make_methods_table.py`. Dev and test",
-        "metrics come from the best checkpoint by dev accuracy. Times are noisy: `full` ran
-alone, the other runs shared the 2 cores with other jobs, so their wall clocks are upper
-bounds; `benchmarks/methods.py` measures throughput ratios side by side.",
+        "metrics come from the best checkpoint by dev accuracy. Times are noisy: `full` ran",
+        "alone, the other runs shared the 2 cores with other jobs, so their wall clocks are upper",
+        "bounds; `benchmarks/methods.py` measures throughput ratios side by side.",
         "",
         "| method | trainable params | trainable % | dev acc | test acc | wall clock | train examples/s |",
         "|---|---:|---:|---:|---:|---:|---:|",

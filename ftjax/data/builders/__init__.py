@@ -23,6 +23,11 @@ BUILDERS = {
     # name shadows TFDS's catalog entry, which would need a download.
     "fashion_mnist": "ftjax.data.builders.fashion_mnist",
     "image_folder": "ftjax.data.builders.image_folder",
+    # Speech (16 kHz int16 audio + transcript): manifests, HF's audiofolder layout, and
+    # the offline espeak-ng accent demo over the pinned Rotten Tomatoes sentences.
+    "speech_manifest": "ftjax.data.builders.speech_manifest",
+    "audio_folder": "ftjax.data.builders.speech_manifest",
+    "accent_speech": "ftjax.data.builders.accent_speech",
 }
 
 
