@@ -162,3 +162,24 @@ def test_a_run_cut_after_a_checkpoint_continues_bitwise(trained, tmp_path):
     assert losses(work) == losses(root / "w")
     assert summary["before"] == trained[1]["before"]  # the zero-shot scores ride in the checkpoint
     assert summary["test"] == trained[1]["test"]
+
+
+def test_beam_search_decodes_through_the_task_on_device(trained):
+    import jax
+
+    from ftjax import checkpoint as ckpt_lib
+    from ftjax import models, tasks
+    from ftjax.data import audio
+
+    root, _ = trained
+    params, meta = ckpt_lib.load_export(str(root / "w"))
+    meta = {**meta, "export_dir": str(root / "w" / "export"),
+            "generation": {"beams": 3, "max_new_tokens": 5, "length_penalty": 1.0}}
+    task = tasks.from_meta(meta)
+    model = task.build_model("whisper", meta["model_config"], models.EncoderOptions())
+    variables = {"params": params, **ckpt_lib.load_export_model_state(str(root / "w"))}
+    features = np.stack([audio.log_mel(np.zeros(8000, np.float32), seconds=6.0)] * 2)
+    out = jax.jit(lambda v, f: task.predict(model, v, {"input_features": f}))(variables, features)
+    tokens = np.asarray(out["tokens"])
+    assert tokens.shape == (2, 5) and (tokens[0] == tokens[1]).all()
+    assert not set(tokens.ravel().tolist()) & set(task.text.never())  # no special token but EOT

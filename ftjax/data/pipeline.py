@@ -107,11 +107,12 @@ def pad_encoded(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], length: 
     return {"input_ids": ids, "attention_mask": attention, "token_type_ids": types}
 
 
-def _to_str(value: Any) -> str:
+def to_str(value: Any) -> str:
+    """A text feature as str (TFDS sources give bytes, numpy bytes or 0-d arrays)."""
     if isinstance(value, (bytes, np.bytes_)):
         return value.decode("utf-8")
     if isinstance(value, np.ndarray) and value.ndim == 0:
-        return _to_str(value.item())
+        return to_str(value.item())
     return str(value)
 
 
@@ -138,7 +139,7 @@ class _Batcher:
         out = np.zeros(n, np.int32)
         for start in range(0, n, 2048):
             records = [self.source[i] for i in range(start, min(start + 2048, n))]
-            texts = [[_to_str(r[k]) for r in records] for k in self.text_keys]
+            texts = [[to_str(r[k]) for r in records] for k in self.text_keys]
             encoded = self.tokenizer.encode(texts[0], texts[1] if len(texts) > 1 else None,
                                             self.max_length)
             out[start:start + len(records)] = [len(ids) for ids, _ in encoded]
@@ -164,7 +165,7 @@ class _Batcher:
         # One read per record: TFDS's __getitems__ is ~30% faster, but tfds.testing.mock_data
         # (4.9.10) breaks it, and reads are not the bottleneck at a few thousand examples/s.
         records = [self.source[i] for i in mine]
-        texts = [[_to_str(r[k]) for r in records] for k in self.text_keys]
+        texts = [[to_str(r[k]) for r in records] for k in self.text_keys]
         encoded = self.tokenizer.encode(texts[0], texts[1] if len(texts) > 1 else None,
                                         self.max_length)
         # The whole global batch decides the length, so every process pads alike.

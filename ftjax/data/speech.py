@@ -29,19 +29,11 @@ import grain
 import numpy as np
 
 from ftjax.data import audio as audio_lib
-from ftjax.data.pipeline import SplitData, bucket_lengths, pick_length
+from ftjax.data.pipeline import SplitData, bucket_lengths, pick_length, to_str
 from ftjax.errors import UserError
 
 Batch = dict[str, np.ndarray]
 Tokenize = Callable[[str], tuple[list[int], int]]
-
-
-def _to_str(value: Any) -> str:
-    if isinstance(value, (bytes, np.bytes_)):
-        return value.decode("utf-8")
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        return _to_str(value.item())
-    return str(value)
 
 
 def encode_target(ids: list[int], loss_start: int, max_length: int) -> tuple[list[int], int, bool]:
@@ -106,7 +98,7 @@ class _Batcher:
 
     def lengths(self, n: int) -> np.ndarray:
         """Decoder lengths (len(ids) - 1, after cutting) of examples 0..n-1."""
-        return np.asarray([len(self._target(_to_str(self.source[i][self.text_key]))[0]) - 1
+        return np.asarray([len(self._target(to_str(self.source[i][self.text_key]))[0]) - 1
                            for i in range(n)], np.int32)
 
     def _features(self, index: int, record: dict) -> np.ndarray:
@@ -126,7 +118,7 @@ class _Batcher:
             raise ValueError("several processes need the token lengths of all examples")
         mine = [int(i) for i in indices[lo:lo + b]]
         records = [self.source[i] for i in mine]
-        texts = [_to_str(r[self.text_key]) for r in records]
+        texts = [to_str(r[self.text_key]) for r in records]
         targets = [self._target(t) for t in texts]
         longest = (int(lengths[np.asarray(indices, np.int64)].max()) if lengths is not None
                    else max(len(ids) - 1 for ids, _ in targets))
