@@ -26,14 +26,21 @@ Safety:
     stores a position-weighted uint32 sum of every array's bits, checked on restore.
   * Nothing here deletes a checkpoint that cannot be read or does not fit; the error
     names it and says what to do. Only Orbax's keep-N / best-N rotation deletes.
+  * A save that fails for a full disk (ENOSPC, or a quota) raises DiskFullError, one
+    line naming the step; Orbax rotates old checkpoints out only after a save commits,
+    so the previous one stays restorable. `close()` removes the failed step's partial
+    tmp folder (best effort; one process, local disks) to give the space back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import logging
 import math
+import time
 from typing import Any, Mapping
 
 import jax
@@ -52,6 +59,93 @@ PathLike = str | epath.PathLike
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: corrupt, truncated, of another model, or absent."""
+
+
+class DiskFullError(UserError):
+    """A save failed for lack of space (ENOSPC or a disk quota); what was saved before stays."""
+
+
+# ---- full disks -----------------------------------------------------------------------
+
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+# tensorstore reports the errno in its message text (a ValueError), not as an OSError
+_DISK_FULL_TEXT = {"No space left on device": _DISK_FULL[errno.ENOSPC],
+                   f"os_error_code='{errno.ENOSPC}'": _DISK_FULL[errno.ENOSPC],
+                   "Disk quota exceeded": _DISK_FULL[errno.EDQUOT]}
+
+
+def disk_full(e: BaseException | None) -> str | None:
+    """"no space left on device" / "disk quota exceeded" when `e`, or an exception it
+    wraps (cause, context, group member), reports a full disk; else None."""
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _DISK_FULL:
+            return _DISK_FULL[x.errno]
+        text = str(x)
+        for words, why in _DISK_FULL_TEXT.items():
+            if words in text:
+                return why
+        stack += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return None
+
+
+def disk_full_error(e: BaseException, workdir: PathLike) -> DiskFullError | None:
+    """One line for a full disk met by a run outside a checkpoint save (logs, summary);
+    None when `e` is not a full disk."""
+    why = disk_full(e)
+    if why is None:
+        return None
+    kept = _finished_steps(epath.Path(workdir) / "checkpoints")
+    previous = f"the last checkpoint, step {kept[-1]}, is kept" if kept else "no checkpoint was saved yet"
+    return DiskFullError(f"could not write to {workdir}: {why} ({_first_line(e, 120)}); {previous}: free "
+                         "space and run the same command again to continue")
+
+
+class _QuietDiskFull(logging.Filter):
+    """Drops Orbax's logged tracebacks of a full disk, and its complaints about the
+    failed save's folder (`paths`) once that is removed: DiskFullError says it in one line."""
+
+    def __init__(self):
+        super().__init__()
+        self.paths: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        return (disk_full(exc) is None and disk_full(Exception(message)) is None
+                and not any(p in message for p in self.paths))
+
+
+_QUIET = _QuietDiskFull()
+
+
+def _finished_steps(directory: epath.Path) -> list[int]:
+    """Steps whose folder is complete (Orbax renames `<step>.orbax-checkpoint-tmp*` when done)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _remove_partial(directory: epath.Path, step: int) -> None:
+    """Removes the tmp folder a failed save of `step` left (one process, local disks only)."""
+    if jax.process_count() > 1 or "://" in str(directory) or not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        if p.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            _QUIET.paths.add(str(p))
+            # Writes of the failed save may still be finishing (Orbax does not wait for
+            # them all when one fails) and may recreate folders: best effort, for a few
+            # seconds, until it stays gone. A rerun's save of that step replaces it anyway.
+            for _ in range(20):
+                with contextlib.suppress(OSError):
+                    p.rmtree()
+                time.sleep(0.25)
+                if not p.exists():
+                    break
 
 
 # ---- integrity checksums ------------------------------------------------------------
@@ -280,6 +374,11 @@ class Checkpointer:
             raise UserError(f"metric_mode must be 'max' or 'min' (got {mode!r})")
         self.workdir = epath.Path(workdir)
         self.metric, self.mode, self.keep_best = metric, mode, keep_best
+        self._started: dict[str, list[int]] = {"checkpoints": [], "best": []}  # steps saved, per folder
+        self._partial: list[tuple[epath.Path, int]] = []  # (folder, step) of saves a full disk stopped
+        for name in ("absl", "asyncio"):  # Orbax logs through absl; its writer tasks through asyncio
+            if _QUIET not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_QUIET)
         self._check_fingerprint(_to_json(fingerprint))
         # Distinct barrier prefixes: two managers saving the same step at once would
         # otherwise meet at the same Orbax barrier names and fail across processes.
@@ -318,6 +417,33 @@ class Checkpointer:
             self.workdir.mkdir(parents=True, exist_ok=True)
             _write_json(path, fingerprint)
         _sync("fingerprint_written")
+
+    @contextlib.contextmanager
+    def _disk_guard(self):
+        """Turns a full-disk failure of a save (raised here or by a background write of an
+        earlier one) into DiskFullError naming the step that was not written."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - anything else is re-raised unchanged
+            why = disk_full(e)
+            if why is None:
+                raise
+            raise self._disk_full_error(why) from None
+
+    def _disk_full_error(self, why: str) -> DiskFullError:
+        failed = None
+        for folder in ("checkpoints", "best"):
+            # one save in flight per folder at most (each save waits for the one before)
+            last = self._started[folder][-1:]
+            if last and last[0] not in _finished_steps(self.workdir / folder):
+                failed = failed or self.workdir / folder / str(last[0])
+                self._partial.append((self.workdir / folder, last[0]))  # removed by close()
+        kept = _finished_steps(self.workdir / "checkpoints")
+        what = f"checkpoint {failed}" if failed is not None else f"a checkpoint in {self.workdir}"
+        previous = (f"the previous checkpoint, step {kept[-1]}, is kept and restorable" if kept
+                    else "no checkpoint was saved before it")
+        return DiskFullError(f"could not write {what}: {why}; {previous}: free space and run the same "
+                             "command again to continue")
 
     def _rank(self, metrics: Mapping[str, Any]) -> tuple[float, int]:
         # Orbax sorts by this key and keeps the last n: ties go to the earliest step, as
@@ -358,7 +484,10 @@ class Checkpointer:
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(_to_json(extra)),
                                   checksums=ocp.args.JsonSave(checksums(state)))
-        return self._recent.save(step, args=args, force=force)
+        with self._disk_guard():
+            self._recent.wait_until_finished()  # an earlier save's failure is reported as that save's
+            self._started["checkpoints"].append(step)
+            return self._recent.save(step, args=args, force=force)
 
     def save_best(self, step: int, state: Any, *, metrics: dict, extra: dict) -> bool:
         """Offers `best_tree(state)` at `step`, scored by `metrics[metric]`, to W/best.
@@ -396,7 +525,10 @@ class Checkpointer:
         tree = best_tree(state)
         args = ocp.args.Composite(params=ocp.args.StandardSave(tree), extra=ocp.args.JsonSave(_to_json(extra)),
                                   checksums=ocp.args.JsonSave(checksums(tree)))
-        return self._best.save(step, args=args, metrics=scored, force=True)
+        with self._disk_guard():
+            self._best.wait_until_finished()
+            self._started["best"].append(step)
+            return self._best.save(step, args=args, metrics=scored, force=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores W/checkpoints/<step> (the latest if None).
@@ -434,16 +566,29 @@ class Checkpointer:
         return None if step is None else _restore(self._best, step, abstract, "params")[0]
 
     def wait(self) -> None:
-        """Blocks until every started save is complete on disk."""
-        self._recent.wait_until_finished()
-        if self._best is not None:
-            self._best.wait_until_finished()
+        """Blocks until every started save is complete on disk.
+
+        Raises:
+          DiskFullError: a save failed for lack of space.
+        """
+        with self._disk_guard():
+            self._recent.wait_until_finished()
+            if self._best is not None:
+                self._best.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the managers."""
-        self._recent.close()
-        if self._best is not None:
-            self._best.close()
+        """Waits for pending saves and releases the managers (DiskFullError as `wait`)."""
+        try:
+            with self._disk_guard():
+                try:
+                    self._recent.close()
+                finally:
+                    if self._best is not None:
+                        self._best.close()
+        finally:
+            # Orbax's writer threads are done now: give back the space of a failed save
+            for folder, step in self._partial:
+                _remove_partial(folder, step)
 
 
 # ---- params-only export ---------------------------------------------------------------
@@ -473,6 +618,21 @@ def export_params(out_dir: PathLike, params: Any, meta: dict, model_state: dict 
         `model_state/` when non-empty; see `load_export_model_state`.
     """
     out_dir = epath.Path(out_dir)
+    try:
+        _export_params(out_dir, params, meta, model_state)
+    except Exception as e:  # noqa: BLE001 - anything but a full disk is re-raised unchanged
+        why = disk_full(e)
+        if why is None:
+            raise
+        tmp = out_dir.parent / (out_dir.name + ".tmp")
+        if "://" not in str(out_dir) and tmp.exists():
+            with contextlib.suppress(OSError):
+                tmp.rmtree()  # the half-written copy; the previous export, if any, is untouched
+        raise DiskFullError(f"could not write the export {out_dir}: {why}; the checkpoints are kept: free "
+                            "space and run the same command again to write it") from None
+
+
+def _export_params(out_dir: epath.Path, params: Any, meta: dict, model_state: dict | None) -> None:
     meta = _to_json(meta)
     params = jax.tree.map(np.asarray, params)  # exports are host data, loadable on any device count
     model_state = jax.tree.map(np.asarray, dict(model_state or {}))

@@ -199,6 +199,10 @@ def _write_hf(family, mapping, params, meta: dict, src: pathlib.Path, dst: pathl
     hf.update({"architectures": [family.hf_export.architecture], "model_type": family.hf_export.model_type,
                **files.pop("config.json", {})})
     tensors = mapping.to_hf(tree_lib.flatten(params))
+    if hasattr(mapping, "to_hf_state"):  # tensors the model keeps outside its params (Whisper's positions)
+        from ftjax import checkpoint as ckpt_lib
+
+        tensors.update(mapping.to_hf_state(tree_lib.flatten(ckpt_lib.load_export_model_state(src))))
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     for name, content in files.items():

@@ -24,6 +24,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (with --distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0-based (with --distributed).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", cli.env_int("FTJAX_HEARTBEAT_TIMEOUT_SECONDS", 30),
+    "With --distributed: a process silent this long counts as lost (killed, crashed, hung) and "
+    "the others stop with a line naming it. Default: env FTJAX_HEARTBEAT_TIMEOUT_SECONDS or 30.")
+_SHUTDOWN = flags.DEFINE_integer(
+    "shutdown_timeout_seconds", cli.env_int("FTJAX_SHUTDOWN_TIMEOUT_SECONDS", 300),
+    "With --distributed: how long a finished process waits for the others at exit. "
+    "Default: env FTJAX_SHUTDOWN_TIMEOUT_SECONDS or 300.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; run the same command again
@@ -33,9 +41,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
-    with cli.user_errors():
+    with cli.user_errors(), cli.peer_failures(_DISTRIBUTED.value, _HEARTBEAT.value):
         if _DISTRIBUTED.value:
-            cli.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            cli.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                 _HEARTBEAT.value, _SHUTDOWN.value)
         from ftjax import train
 
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import threading
 import time
@@ -149,10 +150,43 @@ def resolve_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> di
 
 
 def _check_settings(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    if config.nonfinite not in ("stop", "skip"):
-        raise UserError(f"config.nonfinite={config.nonfinite!r} is not 'stop' or 'skip'")
-    if config.accum_steps < 1:
-        raise UserError(f"config.accum_steps={config.accum_steps} must be >= 1")
+    """Refuses, one line each, every setting that can be checked before any data is read."""
+    def value(key):
+        v = config
+        for part in key.split("."):
+            v = v[part]
+        return v
+
+    def need(key, ok, what, optional=True):  # optional: None (unset) passes
+        v = value(key)
+        if (v is not None or not optional) and not ok(v):
+            raise UserError(f"config.{key}={v!r} {what}")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    need("nonfinite", lambda v: v in ("stop", "skip"), "is not 'stop' or 'skip'", optional=False)
+    need("metric_mode", lambda v: v in ("max", "min"), "is not 'max' or 'min'", optional=False)
+    for key in ("accum_steps", "batch_size", "eval_batch_size", "total_steps", "keep_checkpoints",
+                "data.max_length", "data.train_limit", "data.eval_limit", "generation.beams",
+                "generation.max_new_tokens"):
+        need(key, lambda v: v >= 1, "must be >= 1")
+    for key in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps", "keep_best",
+                "early_stopping_patience", "schedule.warmup_steps", "data.shuffle_buffer",
+                "data.group_by_length", "data.num_workers"):
+        need(key, lambda v: v >= 0, "must be >= 0")
+    need("num_epochs", lambda v: number(v) and v > 0, "must be > 0")
+    need("optimizer.lr", lambda v: number(v) and v > 0, "must be > 0 (to freeze parameters use a method "
+         "or optimizer.trainable, not a zero learning rate)")
+    need("schedule.warmup_fraction", lambda v: number(v) and 0 <= v <= 1, "must be in [0, 1] (a fraction of "
+         "the total steps; schedule.warmup_steps sets a count)")
+    for key in ("optimizer.b1", "optimizer.b2", "optimizer.momentum", "model.dropout", "model.head_dropout",
+                "method_args.lora_dropout"):
+        need(key, lambda v: number(v) and 0 <= v < 1, "must be in [0, 1)")
+    for key in ("optimizer.eps", "optimizer.weight_decay", "optimizer.grad_clip_norm"):
+        need(key, lambda v: number(v) and v >= 0, "must be >= 0")
+    need("generation.length_penalty", number, "must be a finite number")
+    need("data.max_audio_seconds", lambda v: number(v) and v > 0, "must be > 0")
     per_micro = config.batch_size // config.accum_steps
     if config.batch_size % config.accum_steps or per_micro % num_devices:
         raise UserError(
@@ -161,6 +195,32 @@ def _check_settings(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.eval_batch_size % num_devices:
         raise UserError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by "
                         f"the {num_devices} devices")
+    from ftjax import tasks
+
+    # setup checks again once the data has decided the task
+    _check_metric(config, tasks.metric_names(config), "")
+
+
+def _check_metric(config: ml_collections.ConfigDict, names, task_name: str) -> None:
+    """config.metric must be one the task's evaluators return (`names`; None: not declared)."""
+    if names is None or config.metric in names:
+        return
+    known = ", ".join(dict.fromkeys(names))
+    raise UserError(f"config.metric={config.metric!r} is not a dev metric of "
+                    f"{f'the {task_name} task' if task_name else 'this task'} ({known}); set config.metric "
+                    "to one of them (and config.metric_mode to 'max' or 'min' to match)")
+
+
+def _check_longest_input(config: ml_collections.ConfigDict, family, model, variable_shapes) -> None:
+    """Traces the model once, without computing, on the longest text input the data can
+    produce (data.max_length): a position table too short for it fails here, in one
+    line, rather than at the first batch that long (maybe mid-run)."""
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    dummy = model.dummy_inputs()
+    if family.modality != "text" or not set(model.input_keys) <= set(keys):
+        return
+    longest = [jax.ShapeDtypeStruct((1, int(config.data.max_length)), x.dtype) for x in dummy]
+    jax.eval_shape(lambda v, *xs: model.apply(v, *xs, train=False), variable_shapes, *longest)
 
 
 def resolve_model(config: ml_collections.ConfigDict):
@@ -284,6 +344,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
     replicated = step_lib.replicated(mesh)
     family_name, family, model_config, model_dir = resolve_model(config)
     task, data = tasks.create(config, family, jax.process_index(), jax.process_count())
+    _check_metric(config, task.metric_names(), task.name)
     model = make_model(config, task, family_name, model_config)
     layout = family.layout(family.config(model_config))
     steps = resolve_steps(config, data.steps_per_epoch)
@@ -292,6 +353,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
     init_fn = jax.jit(lambda rng: model.init(rng, *dummy), out_shardings=replicated)
     params_rng, state_rng = jax.random.split(jax.random.key(config.seed))
     variable_shapes = jax.eval_shape(init_fn, params_rng)
+    _check_longest_input(config, family, model, variable_shapes)
     param_shapes = variable_shapes["params"]
     trainable_rules, lr_rules = methods.rules(config, layout)
     start_rules = methods.start_rules(config, layout, data.steps_per_epoch)
@@ -448,12 +510,46 @@ def _log_row(fetched: list[dict], config, lr: float, examples: int, tokens: int,
     return row
 
 
+def _make_workdir(workdir: str) -> epath.Path:
+    workdir = epath.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {workdir} is a file, not a folder: give a new folder or an earlier run's")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
+    return workdir
+
+
+def _lock_workdir(workdir: epath.Path):
+    """Process 0 takes the workdir's lock (ftjax/workdir_lock.py); every process learns
+    whether it was refused, so all of them stop with it rather than wait for it."""
+    from ftjax import workdir_lock
+
+    lock, refused = workdir_lock.WorkdirLock(workdir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except UserError as e:
+            refused = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if int(multihost_utils.broadcast_one_to_all(np.int32(refused is not None))) and refused is None:
+            raise workdir_lock.WorkdirBusy(f"process 0 could not lock workdir {workdir}: another ftjax run "
+                                           "uses it (process 0's error names it)")
+    if refused is not None:
+        raise refused
+    return lock
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Fine-tunes per `config`, writing checkpoints, logs, export and summary to `workdir`.
 
     Rerunning the same command with the same workdir continues from its last
     checkpoint. Start order: workdir checkpoint, else `config.init_from`, else the
-    pretrained model, else scratch.
+    pretrained model, else scratch. One run writes a workdir at a time: a second one
+    is refused while the first holds its lock (local workdirs; see ftjax/workdir_lock.py).
 
     Args:
       config: a locked experiment config (see configs/common.py).
@@ -461,11 +557,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns:
       The summary dict also written to `workdir/summary.json`.
+
+    Raises:
+      UserError: a bad setting or input, a workdir in use, a full disk (one line each).
     """
+    workdir = _make_workdir(workdir)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_and_evaluate(config, workdir)
+    except Exception as e:
+        full = None if isinstance(e, UserError) else ckpt_lib.disk_full_error(e, workdir)
+        if full is None:
+            raise
+        raise full from None
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict[str, Any]:
     from ftjax import export
 
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     run = setup(config, workdir)
     is_main, steps, total, checkpointer = jax.process_index() == 0, run.steps, run.steps["total"], run.checkpointer
     state, loop, start_from = initial_state(run)
@@ -530,11 +641,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise Preempted(f"{preemption.reason} at step {step}: checkpoint saved in "
                                 f"{workdir / 'checkpoints' / str(step)}; run the same command again to "
                                 "continue from it")
-    except BaseException:
+    except BaseException as error:
         # Let a save in flight finish before the error ends the process: the last
         # checkpoint must stay whole (Orbax writes in background threads).
         try:
             checkpointer.close()
+        except ckpt_lib.DiskFullError as full:
+            if ckpt_lib.disk_full(error) is not None:  # a log write met the full disk first: name
+                raise full from None                    # the checkpoint it stopped
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
         writer.close()

@@ -104,8 +104,53 @@ def case_unknown_nonfinite_policy(files, finished, tmp_path):
     return tiny_config(files, nonfinite="ignore"), tmp_path / "w", [], "config.nonfinite='ignore'"
 
 
+# Settings checked before the first step: the workdir stays empty (nothing trained, no checkpoint).
 def case_metric_not_computed(files, finished, tmp_path):
-    return tiny_config(files, metric="bleu", total_steps=1), tmp_path / "w", [], "bleu"
+    w = tmp_path / "w"
+    return tiny_config(files, metric="bleu"), w, [w], "config.metric='bleu' is not a dev metric"
+
+
+def case_metric_mode_not_min_or_max(files, finished, tmp_path):
+    w = tmp_path / "w"
+    return tiny_config(files, metric_mode="maximum"), w, [w], "config.metric_mode='maximum'"
+
+
+def case_warmup_fraction_above_one(files, finished, tmp_path):
+    w = tmp_path / "w"
+    return tiny_config(files, **{"schedule.warmup_fraction": 1.5}), w, [w], "schedule.warmup_fraction=1.5"
+
+
+def case_zero_learning_rate(files, finished, tmp_path):
+    w = tmp_path / "w"
+    return tiny_config(files, **{"optimizer.lr": 0.0}), w, [w], "config.optimizer.lr=0.0 must be > 0"
+
+
+def case_negative_total_steps(files, finished, tmp_path):
+    w = tmp_path / "w"
+    return tiny_config(files, total_steps=-3), w, [w], "config.total_steps=-3 must be >= 1"
+
+
+def case_zero_batch_size(files, finished, tmp_path):
+    w = tmp_path / "w"
+    return tiny_config(files, batch_size=0), w, [w], "config.batch_size=0 must be >= 1"
+
+
+def case_zero_beams(files, finished, tmp_path):
+    w = tmp_path / "w"
+    return tiny_config(files, **{"generation.beams": 0}), w, [w], "config.generation.beams=0"
+
+
+def case_max_length_beyond_the_position_table(files, finished, tmp_path):
+    # the tiny BERT has 64 positions; no row is that long, so only the early check finds it
+    w = tmp_path / "w"
+    return (tiny_config(files, **{"data.max_length": 100, "data.bucket_lengths": (8, 100)}), w, [w],
+            "max_position_embeddings 64")
+
+
+def case_workdir_is_a_file(files, finished, tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a workdir\n")
+    return tiny_config(files), f, [f], "is a file, not a folder"
 
 
 def case_missing_data_file(files, finished, tmp_path):

@@ -135,6 +135,9 @@ def test_hf_export_is_a_whisper_folder_whose_weights_convert_back(trained, tmp_p
         if k.endswith("attention/key/bias"):
             continue  # HF's k_proj has no bias (a key bias changes no attention weight)
         np.testing.assert_allclose(back["params/" + k], v, atol=1e-6, err_msg=k)
+    state = tree.flatten(ckpt_lib.load_export_model_state(str(root / "w")))  # the table the model used
+    np.testing.assert_array_equal(back["constants/whisper/encoder/positions"],
+                                  state["constants/whisper/encoder/positions"])
 
 
 def test_a_run_cut_after_a_checkpoint_continues_bitwise(trained, tmp_path):

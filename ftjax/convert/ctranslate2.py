@@ -118,10 +118,13 @@ class _Cursor:
             raise ConvertError(f"{self.path}: {what} at offset {start} is not a NUL-terminated string; "
                                "the file is damaged or not a CTranslate2 model.bin")
         try:
-            return raw[:-1].decode("utf-8")
+            text = raw[:-1].decode("utf-8")
         except UnicodeDecodeError:
-            raise ConvertError(f"{self.path}: {what} at offset {start} is not UTF-8; "
-                               "the file is damaged") from None
+            text = "\n"
+        if not text.isprintable():  # names and spec names: no control characters in a real file
+            raise ConvertError(f"{self.path}: {what} at offset {start} is not printable UTF-8 text; "
+                               "the file is damaged")
+        return text
 
 
 def _version_of(head: bytes) -> int | None:

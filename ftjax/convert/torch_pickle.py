@@ -24,6 +24,7 @@ says how to re-save the weights.
 from __future__ import annotations
 
 import collections
+import io
 import math
 import os
 import pathlib
@@ -31,12 +32,12 @@ import pickle
 import struct
 import tarfile
 import zipfile
-import zlib
 from typing import Any
 
 import numpy as np
 
 from ftjax.convert.safetensors_io import ConvertError
+from ftjax.errors import one_line
 
 __all__ = ["load_state_dict"]
 
@@ -45,6 +46,11 @@ _LEGACY_PROTOCOL = 1001
 # Wrapper keys tried, in order, when the top-level dict is a training checkpoint.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _RESAVE = "re-save the weights with torch.save(model.state_dict(), path) in torch >= 1.6"
+_MAX_DEPTH = 64  # dicts nested deeper than this (or a dict inside itself) are not a state dict
+_MAX_ENTRIES = 1 << 20  # dict entries visited while flattening (a DAG of shared dicts could be 2**n)
+# A view may repeat its storage (stride 0, as torch's expand makes), but not beyond this many elements.
+_MAX_REPEAT, _MAX_REPEAT_FLOOR = 16, 1 << 20
+_MAX_ZIP_RATIO = 32  # torch writes stored (uncompressed) members; a compressed one may not inflate more
 
 # torch storage type -> numpy type code (little-endian); "bf16" is read as uint16 and widened.
 _STORAGE_TYPES = {
@@ -159,7 +165,7 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         obj = _ALLOWED.get((module, name))
         if obj is None:
-            raise _Refused(f"{self._path} refuses pickle global {module}.{name}: ftjax reads only "
+            raise _Refused(f"{self._path} refuses pickle global {_short(f'{module}.{name}')}: ftjax reads only "
                            "tensors and dicts from PyTorch checkpoints and never runs their code")
         return obj
 
@@ -167,20 +173,29 @@ class _SafeUnpickler(pickle.Unpickler):
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
             kind = pid[0] if isinstance(pid, tuple) and pid else type(pid).__name__
             hint = "; it holds a whole nn.Module: " + _RESAVE if kind == "module" else ""
-            raise _Refused(f"{self._path} refuses pickle persistent id {str(kind)[:40]!r}{hint}")
+            raise _Refused(f"{self._path} refuses pickle persistent id {_short(repr(kind) if isinstance(kind, str) else kind, 40)}{hint}")
         if len(pid) != (6 if self._legacy else 5) or not isinstance(pid[1], _StorageType):
-            raise _Refused(f"{self._path} has a malformed storage reference {str(pid)[:80]}")
+            raise _Refused(f"{self._path} has a malformed storage reference {_short(pid)}")
         key, numel = pid[2], pid[4]
         if not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise _Refused(f"{self._path} has a malformed storage reference {str(pid)[:80]}")
+            raise _Refused(f"{self._path} has a malformed storage reference {_short(pid)}")
         code, offset = pid[1].code, 0
         self._codes.setdefault(key, code)  # legacy layout: sizes the storage bytes that follow
         if self._legacy and pid[5] is not None:  # a view into storage `key` (torch < 0.4 files)
             view = pid[5]
             if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int and type(view[2]) is int):
-                raise _Refused(f"{self._path} has a malformed storage view {str(view)[:80]}")
+                raise _Refused(f"{self._path} has a malformed storage view {_short(view)}")
             offset, numel = view[1], view[2]
         return _Storage(key=key, code=code, offset=offset, numel=numel)
+
+
+def _short(x: Any, n: int = 80) -> str:
+    """A one-line, bounded repr of something a pickle made (it may be nested too deep to repr)."""
+    try:
+        text = (x if x.isprintable() else repr(x)) if isinstance(x, str) else str(x)
+    except RecursionError:
+        text = f"<a {type(x).__name__} nested too deep>"
+    return one_line(text)[:n]
 
 
 def _unpickle(file: Any, path: pathlib.Path, legacy: bool, what: str,
@@ -191,7 +206,7 @@ def _unpickle(file: Any, path: pathlib.Path, legacy: bool, what: str,
         raise ConvertError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - a corrupt pickle raises many types
         raise ConvertError(f"{path}: {what} is not a readable PyTorch pickle ({type(e).__name__}: "
-                           f"{str(e)[:120]}); the file may be truncated or corrupt") from None
+                           f"{_short(str(e), 120)}); the file may be truncated or corrupt") from None
 
 
 def _itemsize(code: str) -> int:
@@ -204,9 +219,10 @@ def _np_dtype(code: str, big_endian: bool) -> np.dtype:
 
 def _build(name: str, t: _Tensor, raw: bytes, big_endian: bool, path: pathlib.Path) -> np.ndarray:
     st = t.storage
+    name = _short(name)
     dtype = _np_dtype(st.code, big_endian)
     if (st.offset + st.numel) * dtype.itemsize > len(raw) or st.offset < 0:
-        raise ConvertError(f"{path}: storage {st.key} of tensor {name} is too short ({len(raw)} bytes "
+        raise ConvertError(f"{path}: storage {_short(st.key)} of tensor {name} is too short ({len(raw)} bytes "
                            f"for {st.offset + st.numel} elements of {dtype.itemsize} bytes); the file is "
                            "truncated or corrupt")
     flat = np.frombuffer(raw, dtype=dtype, count=st.numel, offset=st.offset * dtype.itemsize)
@@ -215,6 +231,9 @@ def _build(name: str, t: _Tensor, raw: bytes, big_endian: bool, path: pathlib.Pa
             t.offset < 0 or min(t.stride, default=0) < 0 or last >= st.numel)):
         raise ConvertError(f"{path}: tensor {name} (offset {t.offset}, size {t.size}, stride "
                            f"{t.stride}) reaches outside its storage of {st.numel} elements")
+    if math.prod(t.size) > _MAX_REPEAT * st.numel + _MAX_REPEAT_FLOOR:  # checked before allocating
+        raise ConvertError(f"{path}: tensor {name} of size {_short(t.size)} repeats its storage of {st.numel} "
+                           "elements more than a real checkpoint does; the file is corrupt or crafted")
     if math.prod(t.size) == 0:
         arr = np.empty(t.size, dtype)
     else:
@@ -235,65 +254,102 @@ def _select(obj: Any, path: pathlib.Path) -> dict:
     return obj
 
 
-def _flatten(obj: dict, prefix: str, out: dict[str, _Tensor]) -> None:
-    for k, v in obj.items():
-        name = f"{prefix}{k}"
+def _flatten(obj: dict, path: pathlib.Path) -> dict[str, _Tensor]:
+    """Nested dicts of tensors -> {"a.b.c": tensor}, in order; refuses cycles, depth and blow-ups."""
+    out: dict[str, _Tensor] = {}
+    visited = 0
+    stack = [(iter(obj.items()), "", 0)]
+    while stack:
+        items, prefix, depth = stack[-1]
+        entry = next(items, None)
+        if entry is None:
+            stack.pop()
+            continue
+        visited += 1
+        if visited > _MAX_ENTRIES:
+            raise ConvertError(f"{path}: the state dict has over {_MAX_ENTRIES} entries (dicts shared many "
+                               "times over?); the file is corrupt or crafted")
+        k, v = entry
+        name = f"{prefix}{k if isinstance(k, str) else _short(k, 200)}"
         if isinstance(v, _Tensor):
             out[name] = v
         elif isinstance(v, dict):
-            _flatten(v, f"{name}.", out)
+            if depth + 1 >= _MAX_DEPTH:
+                raise ConvertError(f"{path}: the state dict nests dicts over {_MAX_DEPTH} deep (or inside "
+                                   "themselves); the file is corrupt or crafted")
+            stack.append((iter(v.items()), f"{name}.", depth + 1))
+    return out
 
 
 def _tensors(obj: Any, path: pathlib.Path) -> dict[str, _Tensor]:
-    out: dict[str, _Tensor] = {}
-    _flatten(_select(obj, path), "", out)
+    out = _flatten(_select(obj, path), path)
     if not out:
         keys = list(obj)[:8] if isinstance(obj, dict) else []
-        raise ConvertError(f"{path} has no tensors in a state dict (top-level keys: {keys}); {_RESAVE}")
+        raise ConvertError(f"{path} has no tensors in a state dict (top-level keys: {_short(keys, 200)}); "
+                           f"{_RESAVE}")
     return out
+
+
+def _read_member(z: zipfile.ZipFile, name: str, path: pathlib.Path) -> bytes:
+    """One member's bytes, its declared size checked against the archive first (no zip bombs)."""
+    info = z.getinfo(name)
+    limit = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else _MAX_ZIP_RATIO)
+    if info.file_size > min(limit, path.stat().st_size * _MAX_ZIP_RATIO):
+        raise ConvertError(f"{path}: member {_short(name)} declares {info.file_size} bytes from "
+                           f"{info.compress_size} stored; the archive is corrupt or a zip bomb")
+    return z.read(name)
 
 
 def _load_zip(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
-            if len(pkls) != 1:
-                if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-                    raise ConvertError(f"{path} is a TorchScript archive, not a state dict; {_RESAVE}")
-                raise ConvertError(f"{path} is a zip archive without exactly one <root>/data.pkl "
-                                   f"(found {len(pkls)}); it is not a PyTorch checkpoint")
-            root = pkls[0][: -len("/data.pkl")]
-            big_endian = False
-            if f"{root}/byteorder" in names:
-                order = z.read(f"{root}/byteorder").strip()
-                if order not in (b"little", b"big"):
-                    raise ConvertError(f"{path}: unknown byteorder {order[:20]!r} in {root}/byteorder")
-                big_endian = order == b"big"
-            with z.open(pkls[0]) as f:
-                tensors = _tensors(_unpickle(f, path, legacy=False, what=pkls[0]), path)
-            raw: dict[str, bytes] = {}
-            out = {}
-            for name, t in tensors.items():
-                key = t.storage.key
-                if key not in raw:
-                    member = f"{root}/data/{key}"
-                    if member not in names:
-                        raise ConvertError(f"{path}: storage {member} of tensor {name} is missing; the "
-                                           "file is truncated or corrupt")
-                    raw[key] = z.read(member)
-                out[name] = _build(name, t, raw[key], big_endian, path)
-            return out
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise ConvertError(f"{path} is a corrupt or truncated zip archive ({e}); download or save it again") from None
+            return _read_zip(z, path)
+    except ConvertError:
+        raise
+    except Exception as e:  # noqa: BLE001 - BadZipFile, zlib/lzma/bz2 errors, encrypted or unknown methods
+        raise ConvertError(f"{path} is a corrupt or truncated zip archive ({type(e).__name__}: "
+                           f"{_short(str(e), 120)}); download or save it again") from None
+
+
+def _read_zip(z: zipfile.ZipFile, path: pathlib.Path) -> dict[str, np.ndarray]:
+    names = z.namelist()
+    pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+    if len(pkls) != 1:
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            raise ConvertError(f"{path} is a TorchScript archive, not a state dict; {_RESAVE}")
+        raise ConvertError(f"{path} is a zip archive without exactly one <root>/data.pkl "
+                           f"(found {len(pkls)}); it is not a PyTorch checkpoint")
+    root = pkls[0][: -len("/data.pkl")]
+    big_endian = False
+    if f"{root}/byteorder" in names:
+        order = _read_member(z, f"{root}/byteorder", path).strip()
+        if order not in (b"little", b"big"):
+            raise ConvertError(f"{path}: unknown byteorder {order[:20]!r} in {_short(root)}/byteorder")
+        big_endian = order == b"big"
+    pkl = io.BytesIO(_read_member(z, pkls[0], path))
+    tensors = _tensors(_unpickle(pkl, path, legacy=False, what=_short(pkls[0])), path)
+    raw: dict[str, bytes] = {}
+    out = {}
+    for name, t in tensors.items():
+        key = t.storage.key
+        if key not in raw:
+            member = f"{root}/data/{key}"
+            if member not in names:
+                raise ConvertError(f"{path}: storage {_short(member)} of tensor {_short(name)} is missing; the "
+                                   "file is truncated or corrupt")
+            raw[key] = _read_member(z, member, path)
+        out[name] = _build(name, t, raw[key], big_endian, path)
+    return out
 
 
 def _load_legacy(path: pathlib.Path) -> dict[str, np.ndarray]:
+    size = path.stat().st_size
     with open(path, "rb") as f:
         if _unpickle(f, path, legacy=True, what="the header") != _LEGACY_MAGIC:
             raise ConvertError(f"{path} is a pickle file but not a PyTorch checkpoint (no torch magic number)")
         if (protocol := _unpickle(f, path, legacy=True, what="the header")) != _LEGACY_PROTOCOL:
-            raise ConvertError(f"{path} uses legacy torch protocol {protocol!r}; only {_LEGACY_PROTOCOL} is read")
+            raise ConvertError(f"{path} uses legacy torch protocol {_short(protocol)}; only {_LEGACY_PROTOCOL} "
+                               "is read")
         sys_info = _unpickle(f, path, legacy=True, what="the header")
         big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
         codes: dict[str, str] = {}  # storage key -> type code, for every storage in the file
@@ -305,19 +361,21 @@ def _load_legacy(path: pathlib.Path) -> dict[str, np.ndarray]:
         for key in keys:  # every storage follows, in list order: int64 element count, then bytes
             header = f.read(8)
             if len(header) != 8:
-                raise ConvertError(f"{path}: storage {key} is missing; the file is truncated")
+                raise ConvertError(f"{path}: storage {_short(key)} is missing; the file is truncated")
             if key not in codes:
-                raise ConvertError(f"{path}: storage {key} is listed but never referenced; the file is corrupt")
+                raise ConvertError(f"{path}: storage {_short(key)} is listed but never referenced; the file is "
+                                   "corrupt")
             (numel,) = struct.unpack("<q", header)
             nbytes = numel * _itemsize(codes[key])
+            left = size - f.tell()
+            if numel < 0 or nbytes > left:  # checked before reading: the count is the file's word
+                raise ConvertError(f"{path}: storage {_short(key)} is too short ({left} bytes left of the {nbytes} "
+                                   f"its {numel} elements declare); the file is truncated or corrupt")
             raw[key] = f.read(nbytes)
-            if numel < 0 or len(raw[key]) != nbytes:
-                raise ConvertError(f"{path}: storage {key} is too short ({len(raw[key])} of {nbytes} "
-                                   "bytes); the file is truncated")
     out = {}
     for name, t in tensors.items():
         if t.storage.key not in raw:
-            raise ConvertError(f"{path}: storage {t.storage.key} of tensor {name} is missing")
+            raise ConvertError(f"{path}: storage {_short(t.storage.key)} of tensor {_short(name)} is missing")
         out[name] = _build(name, t, raw[t.storage.key], big_endian, path)
     return out
 

@@ -322,3 +322,14 @@ def to_hf(flat: dict[str, np.ndarray], max_source_positions: int = 1500) -> dict
     width = np.shape(flat["whisper/decoder/embed_tokens/embedding"])[1]
     out["model.encoder.embed_positions.weight"] = sinusoids(max_source_positions, width)
     return out
+
+
+def to_hf_state(flat_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model state's HF tensors: the encoder position table the model used (a float16
+    checkpoint's rounded table stays as it was), replacing `to_hf`'s computed one.
+
+    Args:
+      flat_state: flat non-param collections ("constants/whisper/encoder/positions").
+    """
+    table = flat_state.get("constants/whisper/encoder/positions")
+    return {} if table is None else {"model.encoder.embed_positions.weight": np.asarray(table, np.float32)}

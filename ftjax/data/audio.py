@@ -27,6 +27,8 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP  # 100
 MAX_SECONDS = 30.0
 
 AudioInput = str | os.PathLike | bytes
+# Decoded float32 bytes a file may declare: FLAC/Vorbis of silence compress ~1000x; a floor for short files.
+_MAX_DECODED, _MAX_INFLATION = 256 << 20, 64
 
 
 def _name(source: AudioInput, name: str | None) -> str:
@@ -78,11 +80,24 @@ def read_audio(source: AudioInput, *, max_seconds: float | None = MAX_SECONDS,
     import soundfile as sf
 
     label = _name(source, name)
+    label = label if label.isprintable() else repr(label)  # a manifest's cell may hold a newline
     if not isinstance(source, (bytes, bytearray)) and not os.path.isfile(source):
         raise UserError(f"audio file {label} does not exist")
+    size = len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)
     try:
-        data, rate = sf.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
-                             dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as f:
+            frames, rate, channels = f.frames, f.samplerate, f.channels
+            if rate <= 0 or channels <= 0:
+                raise UserError(f"audio {label} declares {rate} Hz and {channels} channels; the file is damaged")
+            seconds = frames / rate
+            if max_seconds is not None and seconds > max_seconds:  # from the header, before decoding
+                raise UserError(f"audio {label} is {seconds:.1f} s long, over the {max_seconds:g} s limit")
+            if frames * channels * 4 > max(_MAX_DECODED, _MAX_INFLATION * size):
+                raise UserError(f"audio {label} declares {frames} frames of {channels} channels in {size} bytes, "
+                                "more than the file can hold; it is damaged")
+            data = f.read(dtype="float32", always_2d=True)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - soundfile raises LibsndfileError, RuntimeError, TypeError ...
         reason = " ".join(str(e).split())[:160]
         raise UserError(f"cannot read audio {label} ({reason}); use WAV, FLAC, OGG or MP3") from None
@@ -91,6 +106,8 @@ def read_audio(source: AudioInput, *, max_seconds: float | None = MAX_SECONDS,
     seconds = data.shape[0] / rate
     if max_seconds is not None and seconds > max_seconds:
         raise UserError(f"audio {label} is {seconds:.1f} s long, over the {max_seconds:g} s limit")
+    if not np.isfinite(data).all():
+        raise UserError(f"audio {label} holds NaN or infinite samples; the file is damaged")
     return to_mono_16k(data, rate)
 
 

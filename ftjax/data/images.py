@@ -17,6 +17,7 @@ when the target size allows (PIL `draft`), which is most of the speed on photos.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -35,6 +36,50 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 RESIZE = ("resize", "resize_crop")
 TRAIN_AUGMENT = ("none", "random_resized_crop", "pad_crop")
 RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos")
+# Encoded formats read (PIL's JPEG plugin also opens MPO, a JPEG with extra frames). PIL tries no other
+# plugin: some of them run programs (EPS runs Ghostscript).
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
+MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold, as an error rather than a warning
+# Decoded bytes a file may declare: zlib and LZW inflate at most ~1000-3000x; a floor for small files.
+_MAX_INFLATION, _INFLATION_FLOOR = 4096, 16 << 20
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def open_encoded(data: bytes, what: str, min_side: int = 0):
+    """Opens encoded image bytes with PIL (header only), refusing what no real image declares.
+
+    Args:
+      data: the encoded file (JPEG, PNG, BMP, GIF or WEBP).
+      what: how messages name it ("image cats/1.jpg").
+      min_side: JPEGs are set to decode at a reduced scale keeping both sides >= this (0: full).
+
+    Returns:
+      The opened PIL image, not yet decoded.
+
+    Raises:
+      UserError: another format, an unreadable header, more than MAX_PIXELS pixels, or more
+        decoded bytes than the file could inflate to (a damaged header or a decompression bomb).
+    """
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
+        if min_side and im.format in ("JPEG", "MPO"):
+            im.draft("RGB", (min_side, min_side))  # >= min_side on both sides
+        w, h = im.size
+        decoded = w * h * len(im.getbands())
+    except Image.UnidentifiedImageError:
+        raise UserError(f"{what} cannot be read: it is not a JPEG, PNG, BMP, GIF or WEBP file") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad header
+        raise UserError(f"{what} cannot be read ({_reason(e)}); the file is damaged") from None
+    if w * h > MAX_PIXELS or decoded > _MAX_INFLATION * len(data) + _INFLATION_FLOOR:
+        raise UserError(f"{what} declares {w} x {h} pixels in {len(data)} bytes, more than a real image "
+                        f"of that size holds (limit {MAX_PIXELS} pixels); the file is damaged or a "
+                        "decompression bomb")
+    return im
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,16 +161,15 @@ class ImagePreprocess:
         from PIL import Image
 
         if isinstance(image, (bytes, np.bytes_)):
-            im = Image.open(io.BytesIO(image))
-            if im.format in ("JPEG", "MPO"):
-                im.draft("RGB", (min_side, min_side))  # >= min_side on both sides
+            im = open_encoded(bytes(image), "the image", min_side)
         else:
             a = np.asarray(image)
             if a.ndim == 3 and a.shape[-1] == 1:
                 a = a[:, :, 0]
-            if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-                raise ValueError(f"expected a uint8 image [H, W], [H, W, 1|3|4], got "
-                                 f"{a.dtype} {list(a.shape)}")
+            if (a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4))
+                    or not a.size):
+                raise UserError(f"expected a uint8 image [H, W] or [H, W, 1|3|4], got "
+                                f"{a.dtype} {list(a.shape)}")
             im = Image.fromarray(a)
         # Grayscale stays one channel through resizing (3x cheaper) and is repeated to
         # RGB at the end; everything else (RGBA, palette, CMYK, ...) becomes RGB.
@@ -205,7 +249,8 @@ class ImagePreprocess:
           The normalised image.
         """
         side = self.image_size if self.resize == "resize" else self.image_size / self.crop_fraction
-        return self._finish(self._eval_geometry(self._open(image, math.ceil(side))))
+        with _decoding():
+            return self._finish(self._eval_geometry(self._open(image, math.ceil(side))))
 
     def train_image(self, image: Any, rng: np.random.Generator) -> np.ndarray:
         """The train input: float32 [S, S, 3], augmented with draws from `rng` only.
@@ -217,6 +262,10 @@ class ImagePreprocess:
         Returns:
           The augmented, normalised image.
         """
+        with _decoding():
+            return self._train_image(image, rng)
+
+    def _train_image(self, image: Any, rng: np.random.Generator) -> np.ndarray:
         s = self.image_size
         if self.train_augment == "random_resized_crop":
             # Decode large enough that the smallest crop still has ~s pixels a side.
@@ -230,6 +279,17 @@ class ImagePreprocess:
         if self.flip and rng.random() < 0.5:
             a = a[:, ::-1]
         return self._finish(a)
+
+
+@contextlib.contextmanager
+def _decoding():
+    """Decoding errors of damaged image data (PIL raises many types) as one UserError line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"the image cannot be decoded ({_reason(e)}); the file is damaged or truncated") from None
 
 
 def make_preprocess(config) -> ImagePreprocess:
@@ -261,13 +321,11 @@ class _Batcher:
                 return self.preprocess.eval_image(record[self.image_key])
             rng = np.random.default_rng([self.seed % (1 << 32), step, row, 0x1A6E])
             return self.preprocess.train_image(record[self.image_key], rng)
-        except UserError:
-            raise
-        except Exception as e:  # e.g. undecodable bytes of a catalog dataset
+        except UserError as e:  # e.g. undecodable bytes of a catalog dataset
             path = record.get("path") or record.get("file_name")
-            where = f" ({path.decode() if isinstance(path, bytes) else path})" if path else ""
-            raise UserError(f"split {self.split!r}: example {index}{where} cannot be read as an "
-                            f"image ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+            where = f" ({path.decode(errors='replace') if isinstance(path, bytes) else path})" if path else ""
+            raise UserError(f"split {self.split!r}: example {index}{where} cannot be read as an image: "
+                            f"{e}") from None
 
     def __call__(self, indices: np.ndarray, mask: np.ndarray | None, *, step: int | None = None,
                  lengths: np.ndarray | None = None) -> Batch:

@@ -25,6 +25,7 @@ A task owns
     host copies of `predict`'s output and `rows` the batch keys `eval_keys` plus "mask"
     (1 for real rows, 0 for padding), gathered over processes. The dev metric for
     best-k and early stopping (`config.metric`) may be any name they return;
+    `metric_names()` lists those names, so a wrong config.metric is refused before training;
   * what a run records: `export_meta()` (into export/meta.json, read back by
     `from_meta`), `fingerprint()` (what a checkpoint must match), `summary()`;
   * how `ftjax.inference.Predictor` renders its predictions: `render(predictions)`.
@@ -110,6 +111,13 @@ class Task:
     def evaluators(self) -> list:
         raise NotImplementedError
 
+    @classmethod
+    def metric_names(cls) -> tuple[str, ...] | None:
+        """The names `evaluators()` return, known before any data is read: `config.metric`
+        is checked against them before the first step. None (the default): not declared,
+        and config.metric is checked at the first evaluation."""
+        return None
+
     def export_meta(self) -> dict[str, Any]:
         return {}
 
@@ -133,6 +141,15 @@ class Task:
 def get(name: str) -> type[Task]:
     """The Task class of a registered task name, or of a module path exporting TASK."""
     return plugins.load(name, TASKS, "TASK", Task, "config.task")
+
+
+def metric_names(config) -> tuple[str, ...] | None:
+    """The dev metrics `config.metric` may name, known before any data is read: the named
+    task's; with config.task unset (the labels decide), those of either inferred task.
+    None: the task does not declare them."""
+    if config.task is not None:
+        return get(config.task).metric_names()
+    return get("classification").metric_names() + get("regression").metric_names()
 
 
 def create(config, family, process_index: int = 0, process_count: int = 1):

@@ -239,6 +239,10 @@ class Classification(Task):
     def evaluators(self):
         return [evaluators.ClassificationMetrics(self.num_labels)]
 
+    @classmethod
+    def metric_names(cls):
+        return ("accuracy", "f1", "mcc", "loss", "num_examples")
+
     def export_meta(self):
         return {"task": self.name, "num_labels": self.num_labels, "label_names": self.label_names,
                 "pooling": self.pooling}

@@ -45,6 +45,10 @@ class Regression(classification.Classification):
     def evaluators(self):
         return [evaluators.RegressionMetrics()]
 
+    @classmethod
+    def metric_names(cls):
+        return ("pearson", "spearman", "mse", "loss", "num_examples")
+
     def render(self, outputs) -> list[tuple[str, float]]:
         """("", value) per row."""
         return [("", float(v)) for v in np.asarray(outputs)[:, 0]]

@@ -248,6 +248,10 @@ class SpeechRecognition(Task):
     def evaluators(self):
         return [SpeechMetrics(self.text)]
 
+    @classmethod
+    def metric_names(cls):
+        return ("wer", "cer", "num_examples")
+
     def export_meta(self):
         return {"task": self.name, "text": self.text.meta(), "generation": self.generation}
 

@@ -40,7 +40,6 @@ import tensorflow_datasets as tfds
 from ftjax.errors import UserError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP"}  # MPO: a JPEG with extra frames
 _SPLIT_DIRS = {"train": ("train",), "dev": ("dev", "val", "validation"), "test": ("test",)}
 
 
@@ -145,20 +144,18 @@ def check_image(path: str) -> bytes:
     Returns:
       Its encoded bytes, unchanged.
     """
-    import io
+    from ftjax.data import images
 
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format not in _FORMATS:
-                raise UserError(f"image {path} is {im.format}, not one of JPEG, PNG, BMP, GIF, WEBP")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"image {path} cannot be read ({e.strerror or e}); fix or remove it") from None
+    im = images.open_encoded(data, f"image {path}")
+    try:
+        with im:
             im.load()  # verify() misses truncated JPEGs; a full decode does not
-    except UserError:
-        raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged data
         raise UserError(f"image {path} cannot be read ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]}); fix or remove it") from None
     return data

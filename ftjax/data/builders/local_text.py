@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ftjax.errors import UserError
+from ftjax.errors import UserError, one_line
 
 ROLES = ("train", "dev", "test")
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -75,7 +75,14 @@ def read_records(path: str, columns: Sequence[tuple[str, str]] = ()
     if not os.path.isfile(path):
         raise UserError(f"data file {path} does not exist")
     fmt = file_format(path)
-    with open(path, encoding="utf-8", newline="" if fmt != "jsonl" else None) as f:
+    try:  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the header
+        yield from _records(path, fmt, columns)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _records(path: str, fmt: str, columns: Sequence[tuple[str, str]]) -> Iterator[tuple[int, dict]]:
+    with open(path, encoding="utf-8-sig", newline="" if fmt != "jsonl" else None) as f:
         if fmt == "jsonl":
             for line, raw in enumerate(f, 1):
                 if not raw.strip():
@@ -84,6 +91,9 @@ def read_records(path: str, columns: Sequence[tuple[str, str]] = ()
                     record = json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{line}: malformed JSON ({e.msg} at column {e.colno})") from None
+                except (ValueError, RecursionError) as e:  # a 5000-digit number; arrays nested 1000 deep
+                    reason = "nested too deep" if isinstance(e, RecursionError) else one_line(e)[:100]
+                    raise UserError(f"{path}:{line}: malformed JSON ({reason})") from None
                 if not isinstance(record, dict):
                     raise UserError(f"{path}:{line}: expected a JSON object, got {type(record).__name__}")
                 _check_columns(path, line, record, columns)
@@ -106,20 +116,54 @@ def read_records(path: str, columns: Sequence[tuple[str, str]] = ()
                     raise UserError(f"{path}:{start}: {len(fields)} fields, the header has {len(header)}")
                 yield start, dict(zip(header, fields))
         except csv.Error as e:
-            raise UserError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({e})") from None
+            raise UserError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({one_line(e)})") from None
+
+
+def _not_utf8(path: str) -> UserError:
+    """The error for a file that is not UTF-8: its first bad byte, with its offset and line."""
+    with open(path, "rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            return UserError(f"{path}:1: the file is UTF-16 text, not UTF-8; re-save it as UTF-8 "
+                             "(in Excel: Save As > CSV UTF-8)")
+        f.seek(0)
+        pending, offset, line = b"", 0, 1  # offset and line of the start of `pending`
+        for block in iter(lambda: f.read(1 << 20), b""):
+            data = pending + block
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as e:
+                if e.end < len(data) or e.reason != "unexpected end of data":
+                    bad = e.start
+                    line += data.count(b"\n", 0, bad)
+                    return UserError(f"{path}:{line}: not UTF-8 text (byte {offset + bad}, 0x{data[bad]:02x}); "
+                                     "re-save the file as UTF-8 (in Excel: Save As > CSV UTF-8)")
+                good = e.start  # a character cut by the block boundary: decoded with the next block
+            line += data.count(b"\n", 0, good)
+            pending, offset = data[good:], offset + good
+    return UserError(f"{path}:{line}: not UTF-8 text (it ends inside a character, byte {offset}); "
+                     "re-save the file as UTF-8")
 
 
 def _check_columns(path: str, line: int, names, columns: Sequence[tuple[str, str]]) -> None:
     for column, key in columns:
         if column not in names:
             raise UserError(f"{path}:{line}: no column {column!r} (data.{key}); "
-                            f"available: {', '.join(map(str, names))}")
+                            f"available: {one_line(', '.join(map(str, names)))[:300]}")
 
 
 def _text(path: str, line: int, record: dict, column: str) -> str:
     value = record[column]
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{path}:{line}: empty text in column {column!r}")
+    return value
+
+
+def _label(path: str, line: int, record: dict, column: str):
+    """The label cell; an empty one is an error, not a class of its own."""
+    value = record[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError(f"{path}:{line}: empty label in column {column!r}; fill it in or remove the row")
     return value
 
 
@@ -141,28 +185,29 @@ def read_examples(path: str, c: LocalTextConfig) -> Iterator[tuple[int, dict]]:
         ex = {"text": _text(path, line, record, c.text_column)}
         if c.text_pair_column:
             ex["text_pair"] = _text(path, line, record, c.text_pair_column)
-        raw = record[c.label_column]
+        raw = _label(path, line, record, c.label_column)
         if c.regression:
             try:
                 value = float(raw)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer of 400 digits
                 value = math.nan
             if isinstance(raw, bool) or not math.isfinite(value):
-                raise UserError(f"{path}:{line}: regression label {raw!r} is not a finite number")
+                raise UserError(f"{path}:{line}: regression label {one_line(repr(raw))[:100]} is not a "
+                                "finite number")
             ex["label"] = value
         else:
             label = _label_str(raw)
             if label not in index:
-                raise UserError(f"{path}:{line}: label {label!r} is not one of the label names "
-                                f"{', '.join(c.label_names)} (data.label_names)")
+                raise UserError(f"{path}:{line}: label {label[:100]!r} is not one of the label names "
+                                f"{one_line(', '.join(c.label_names))[:300]} (data.label_names)")
             ex["label"] = index[label]
         yield line, ex
 
 
 def infer_label_names(path: str, label_column: str) -> tuple[str, ...]:
     """Sorted unique labels of a file; numerically sorted when all are integers."""
-    labels = {_label_str(r[label_column])
-              for _, r in read_records(path, [(label_column, "label_column")])}
+    labels = {_label_str(_label(path, line, r, label_column))
+              for line, r in read_records(path, [(label_column, "label_column")])}
     if not labels:
         raise UserError(f"{path}: no rows, so no label names to infer; set data.label_names")
     try:
