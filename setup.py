@@ -36,6 +36,6 @@ setuptools.setup(
         "soxr>=0.5,<2",  # resampling to 16 kHz
         "jiwer>=3,<5",  # word and character error rates
     ],
-    # scikit-image: the sample photos of the EfficientNet-Lite0 top-1 test
-    extras_require={"test": ["pytest>=8,<10", "scikit-image>=0.24"]},
+    # scikit-image: the sample photos of the EfficientNet-Lite0 top-1 test; hypothesis: the reader fuzz tests
+    extras_require={"test": ["pytest>=8,<10", "scikit-image>=0.24", "hypothesis>=6.100,<7"]},
 )

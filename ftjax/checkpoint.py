@@ -376,6 +376,7 @@ class Checkpointer:
         self.metric, self.mode, self.keep_best = metric, mode, keep_best
         self._started: dict[str, list[int]] = {"checkpoints": [], "best": []}  # steps saved, per folder
         self._partial: list[tuple[epath.Path, int]] = []  # (folder, step) of saves a full disk stopped
+        self._closed = False
         for name in ("absl", "asyncio"):  # Orbax logs through absl; its writer tasks through asyncio
             if _QUIET not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_QUIET)
@@ -428,18 +429,23 @@ class Checkpointer:
             why = disk_full(e)
             if why is None:
                 raise
-            raise self._disk_full_error(why) from None
+            raise self.disk_full_error(why) from None
 
-    def _disk_full_error(self, why: str) -> DiskFullError:
+    def disk_full_error(self, why: str) -> DiskFullError:
+        """The one line for a full disk (`why`): the save it stopped, the checkpoint kept.
+
+        The stopped save's partial folder is removed by `close()` (at once if closed)."""
         failed = None
         for folder in ("checkpoints", "best"):
             # one save in flight per folder at most (each save waits for the one before)
             last = self._started[folder][-1:]
             if last and last[0] not in _finished_steps(self.workdir / folder):
                 failed = failed or self.workdir / folder / str(last[0])
-                self._partial.append((self.workdir / folder, last[0]))  # removed by close()
+                self._partial.append((self.workdir / folder, last[0]))
+        if self._closed:
+            self._remove_partials()
         kept = _finished_steps(self.workdir / "checkpoints")
-        what = f"checkpoint {failed}" if failed is not None else f"a checkpoint in {self.workdir}"
+        what = f"checkpoint {failed}" if failed is not None else f"to {self.workdir}"  # e.g. a log file
         previous = (f"the previous checkpoint, step {kept[-1]}, is kept and restorable" if kept
                     else "no checkpoint was saved before it")
         return DiskFullError(f"could not write {what}: {why}; {previous}: free space and run the same "
@@ -586,9 +592,13 @@ class Checkpointer:
                     if self._best is not None:
                         self._best.close()
         finally:
-            # Orbax's writer threads are done now: give back the space of a failed save
-            for folder, step in self._partial:
-                _remove_partial(folder, step)
+            self._closed = True
+            self._remove_partials()
+
+    def _remove_partials(self) -> None:
+        # Orbax's writer threads are done (or failed) now: give back the space of failed saves
+        while self._partial:
+            _remove_partial(*self._partial.pop())
 
 
 # ---- params-only export ---------------------------------------------------------------

@@ -67,11 +67,9 @@ def env_int(name: str, default: int) -> int:
     text = os.environ.get(name, "").strip()
     if not text:
         return default
-    try:
-        return int(text)
-    except ValueError:
-        fail(f"{name}={text!r} is not a whole number")
-        raise  # unreachable: fail exits
+    if not text.isdigit():
+        fail(f"{name}={text!r}: give a whole number")
+    return int(text)
 
 
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -124,7 +122,10 @@ _PEER_FATAL = "JAX distributed service detected fatal errors"
 
 
 def report_lost_peers(heartbeat_timeout_seconds: int) -> None:
-    """Routes this process's stderr (fd 2, also C++ logs) through `_stderr_filter`."""
+    """Routes this process's stderr (fd 2, also C++ logs) through `_stderr_filter`.
+
+    Env FTJAX_RAW_STDERR=1 leaves stderr alone (to see JAX's own fatal block).
+    """
     if os.environ.get("FTJAX_RAW_STDERR", "") not in ("", "0"):
         return
     package_parent = str(pathlib.Path(__file__).resolve().parents[1])
@@ -177,20 +178,20 @@ def _write(data: bytes) -> None:
 
 def describe_peer_loss(status: str, heartbeat_timeout_seconds: int) -> str:
     """One line from the coordination service's fatal status: which process was lost."""
-    tail = ("so this process stopped too; when every host can run again, rerun all processes with "
-            "the same command to continue from the last checkpoint")
+    status = status.split("*** Check failure stack trace", 1)[0]
+    rerun = ("so this process stopped too; rerun all processes with the same command to continue from "
+             "the last checkpoint")
+    tail = f"(killed, crashed or hung; see its log), {rerun}"
     listed = re.search(r"unhealthy \(stopped sending heartbeats\):\s*\n((?:[^\n]*\d[ \t]*\n)+)", status)
-    if listed:
-        ids = [m.group(1) for m in re.finditer(r"(\d+)[ \t]*$", listed.group(1), re.M)]
+    if listed:  # the service (on process 0) names them
+        ids = [m.group(1) for m in re.finditer(r"(\d+)[ \t]*$", listed.group(1), re.MULTILINE)]
         who = ("process " if len(ids) == 1 else "processes ") + ", ".join(ids)
-        return (f"lost {who} of this run: no heartbeat for {heartbeat_timeout_seconds} s "
-                f"(killed, crashed or hung; see its log); {tail}")
+        return f"lost {who}: no heartbeat for {heartbeat_timeout_seconds} s {tail}"
     if re.search(r"CoordinationService/(PollForError|Heartbeat)\b", status):  # this process's own RPCs
         reason = "it stopped answering" if "DEADLINE_EXCEEDED" in status else "its connection closed"
-        return (f"lost process 0, the coordinator of this run: {reason} "
-                f"(killed, crashed or hung; see its log); {tail}")
+        return f"lost process 0 (the coordinator): {reason} {tail}"
     first = " ".join(status.split("absl::Status:", 1)[-1].split())[:300]
-    return f"JAX's coordination service stopped this run ({first}); {tail}"
+    return f"JAX's coordination service stopped this run ({first}), {rerun}"
 
 
 @contextlib.contextmanager
@@ -201,6 +202,9 @@ def peer_failures(enabled: bool, heartbeat_timeout_seconds: int):
     try:
         yield
     except Exception as e:
-        if enabled and type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
-            time.sleep(heartbeat_timeout_seconds + 10)
+        if enabled:
+            import jax
+
+            if isinstance(e, jax.errors.JaxRuntimeError):
+                time.sleep(heartbeat_timeout_seconds + 10)
         raise

@@ -64,8 +64,8 @@ class Predictor:
                     raise UserError(f"cannot read image {item}: {e.strerror}") from None
             try:
                 batch.append(self.preprocess.eval_image(data))
-            except UserError:
-                raise
+            except UserError as e:
+                raise UserError(f"{item if isinstance(item, str) else 'an input'}: {e}") from None
             except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
                 raise UserError(f"{item if isinstance(item, str) else 'an input'} is not a readable "
                                 f"image ({type(e).__name__})") from None

@@ -176,8 +176,7 @@ def _check_settings(config: ml_collections.ConfigDict, num_devices: int) -> None
                 "data.group_by_length", "data.num_workers"):
         need(key, lambda v: v >= 0, "must be >= 0")
     need("num_epochs", lambda v: number(v) and v > 0, "must be > 0")
-    need("optimizer.lr", lambda v: number(v) and v > 0, "must be > 0 (to freeze parameters use a method "
-         "or optimizer.trainable, not a zero learning rate)")
+    need("optimizer.lr", lambda v: number(v) and v >= 0, "must be >= 0 (0 trains nothing: an evaluation run)")
     need("schedule.warmup_fraction", lambda v: number(v) and 0 <= v <= 1, "must be in [0, 1] (a fraction of "
          "the total steps; schedule.warmup_steps sets a count)")
     for key in ("optimizer.b1", "optimizer.b2", "optimizer.momentum", "model.dropout", "model.head_dropout",
@@ -646,12 +645,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
         # checkpoint must stay whole (Orbax writes in background threads).
         try:
             checkpointer.close()
-        except ckpt_lib.DiskFullError as full:
-            if ckpt_lib.disk_full(error) is not None:  # a log write met the full disk first: name
-                raise full from None                    # the checkpoint it stopped
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
-        writer.close()
+        full = None if isinstance(error, ckpt_lib.DiskFullError) else ckpt_lib.disk_full(error)
+        try:
+            writer.close()
+        except OSError:
+            if full is None:
+                raise
+        if full is not None:  # a log write met the full disk first: name the save it stopped
+            raise checkpointer.disk_full_error(full) from None
         raise
     finally:
         preemption.close()

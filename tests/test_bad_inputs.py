@@ -120,9 +120,9 @@ def case_warmup_fraction_above_one(files, finished, tmp_path):
     return tiny_config(files, **{"schedule.warmup_fraction": 1.5}), w, [w], "schedule.warmup_fraction=1.5"
 
 
-def case_zero_learning_rate(files, finished, tmp_path):
+def case_negative_learning_rate(files, finished, tmp_path):
     w = tmp_path / "w"
-    return tiny_config(files, **{"optimizer.lr": 0.0}), w, [w], "config.optimizer.lr=0.0 must be > 0"
+    return tiny_config(files, **{"optimizer.lr": -1e-3}), w, [w], "config.optimizer.lr=-0.001 must be >= 0"
 
 
 def case_negative_total_steps(files, finished, tmp_path):
@@ -246,6 +246,20 @@ def case_unreadable_fingerprint(files, finished, tmp_path):
 def case_init_from_not_an_export(files, finished, tmp_path):
     (tmp_path / "empty").mkdir()
     return tiny_config(files, init_from=str(tmp_path / "empty")), tmp_path / "w", [], "not an ftjax export"
+
+
+def case_empty_label_cell(files, finished, tmp_path):
+    bad = tmp_path / "train.csv"
+    bad.write_text(files["train"].read_text() + "a film with no label,\n")
+    return (tiny_config(files, **{"data.files.train": str(bad), "data.data_dir": str(tmp_path / "t")}),
+            tmp_path / "w", [bad], "empty label")
+
+
+def case_csv_not_utf8(files, finished, tmp_path):
+    bad = tmp_path / "train.csv"
+    bad.write_bytes(files["train"].read_bytes() + "un caf\xe9 fade,neg\n".encode("latin-1"))
+    return (tiny_config(files, **{"data.files.train": str(bad), "data.data_dir": str(tmp_path / "t")}),
+            tmp_path / "w", [bad], "not UTF-8")
 
 
 # ---- speech: audio files, manifests and CTranslate2 weights (tiny Whisper from scratch) ----

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import faulthandler
 import io
 import json
 import math
@@ -26,7 +27,6 @@ import pickle
 import resource
 import signal
 import struct
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -35,7 +35,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ftjax.errors import UserError
@@ -44,7 +44,7 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 TIME_LIMIT_S = 10
 MEMORY_LIMIT_MB = 1024  # growth of the peak RSS that one example may cause
 # examples per reader in CI; the campaign passes its own count
-CI_EXAMPLES = int(os.environ.get("FTJAX_FUZZ_EXAMPLES", "60"))
+CI_EXAMPLES = int(os.environ.get("FTJAX_FUZZ_EXAMPLES", "200"))
 
 
 # ---- the contract, checked on one input --------------------------------------------------------
@@ -92,7 +92,8 @@ def check(reader: str, fn, blob: bytes = b"") -> str:
     c.counts[reader]["tried"] += 1
     peak = _peak_rss_mb()
     old = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(TIME_LIMIT_S)
+    signal.alarm(TIME_LIMIT_S)  # a hang in Python code
+    faulthandler.dump_traceback_later(6 * TIME_LIMIT_S, exit=True)  # one inside a C library: end the run
     problem = None
     try:
         with warnings.catch_warnings():
@@ -112,6 +113,7 @@ def check(reader: str, fn, blob: bytes = b"") -> str:
         tb = "".join(traceback.format_exception(e)[-6:])
         problem = f"{type(e).__name__}: {str(e)[:300]}\n{tb}"
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     if c.marker.exists():
@@ -588,7 +590,9 @@ def png_header(draw) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, draw(st.sampled_from([1, 2, 4, 8, 16, 3])),
                        draw(st.sampled_from([0, 2, 3, 4, 6, 5])), 0, 0, draw(st.sampled_from([0, 1])))
     idat = zlib.compress(bytes(draw(st.sampled_from([0, 10, 5000, 200000]))))
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
@@ -604,9 +608,9 @@ def image_input(draw):
     return np.zeros(shape, dtype)
 
 
-_PREPROCESS = [dict(image_size=8, resize="resize", train_augment="none"),
-               dict(image_size=8, resize="resize_crop", train_augment="random_resized_crop"),
-               dict(image_size=8, resize="resize", train_augment="pad_crop", mean=(127.0,), std=(64.0,))]
+_PREPROCESS = [{"image_size": 8, "resize": "resize", "train_augment": "none"},
+               {"image_size": 8, "resize": "resize_crop", "train_augment": "random_resized_crop"},
+               {"image_size": 8, "resize": "resize", "train_augment": "pad_crop", "mean": (127.0,), "std": (64.0,)}]
 
 
 def read_image(image, which: int, train: bool) -> None:
@@ -941,7 +945,8 @@ def test_every_pickle_payload_route_is_refused_without_side_effects():
                              "BINPERSID"):
                     pkl = payload_pickle(module, name, args, route, call)
                     for blob in (torch_zip(pkl), torch_legacy(pkl, {}), pkl + torch_legacy(b"\x80\x02}.", {})):
-                        assert check("torch_pickle", lambda: read_torch(blob), blob) == "user_error", (module, name)
+                        outcome = check("torch_pickle", lambda b=blob: read_torch(b), blob)
+                        assert outcome == "user_error", (module, name, route, call)
 
 
 @pytest.mark.parametrize("kind", ["lists", "tuples", "dicts", "self", "self_list", "dag"])
@@ -949,7 +954,7 @@ def test_deep_and_recursive_pickles_are_one_line_errors(kind):
     for depth in (50, 1100, 100000):
         pkl = deep_pickle(kind, depth)
         for blob in (torch_zip(pkl), torch_legacy(pkl, {})):
-            assert check("torch_pickle", lambda: read_torch(blob), blob) == "user_error"
+            assert check("torch_pickle", lambda b=blob: read_torch(b), blob) == "user_error"
 
 
 def test_every_truncation_of_every_small_seed():
@@ -962,7 +967,7 @@ def test_every_truncation_of_every_small_seed():
     for reader, blob, fn in cases:
         step = max(1, len(blob) // 300)
         for cut in range(0, len(blob), step):
-            check(reader, lambda: fn(blob[:cut]), blob[:cut])
+            check(reader, lambda f=fn, b=blob[:cut]: f(b), blob[:cut])
 
 
 # ---- the text reader's new-user mistakes --------------------------------------------------------

@@ -230,7 +230,7 @@ def test_ctranslate2_names_convert_to_the_hf_tree(hf_tensors):
 
 
 def test_ctranslate2_model_bin_converts_to_the_hf_tree(hf_tensors):
-    ctranslate2 = pytest.importorskip("ftjax.convert.ctranslate2")
+    from ftjax.convert import ctranslate2
     got = whisper_convert.convert(ctranslate2.read(FIXTURES / "tiny_random_ct2" / "model.bin").variables)
     want = whisper_convert.convert(hf_tensors)
     assert got.keys() == want.keys()
@@ -356,7 +356,7 @@ def test_tiny_en_shapes_equal_the_ctranslate2_tiny_en_files():
 
 def test_real_tiny_en_ctranslate2_converts_into_the_tiny_en_variant():
     folder = conftest.require_asset("whisper_tiny_en")
-    ctranslate2 = pytest.importorskip("ftjax.convert.ctranslate2")
+    from ftjax.convert import ctranslate2
     flat = whisper_convert.convert(ctranslate2.read(f"{folder}/model.bin").variables)
     variant = models.variant_config("whisper", "tiny.en")
     assert {k: v.shape for k, v in flat.items()} == _variable_shapes(

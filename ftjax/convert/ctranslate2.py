@@ -120,9 +120,10 @@ class _Cursor:
         try:
             text = raw[:-1].decode("utf-8")
         except UnicodeDecodeError:
-            text = "\n"
+            raise ConvertError(f"{self.path}: {what} at offset {start} is not UTF-8; "
+                               "the file is damaged") from None
         if not text.isprintable():  # names and spec names: no control characters in a real file
-            raise ConvertError(f"{self.path}: {what} at offset {start} is not printable UTF-8 text; "
+            raise ConvertError(f"{self.path}: {what} at offset {start} holds control characters; "
                                "the file is damaged")
         return text
 

@@ -136,11 +136,21 @@ def _nodes(graph):
 
 
 def _attr(node, name: str, default):
+    """A node's attribute (of the default's kind: a number, or a list of ints), else the default."""
     import onnx
 
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            try:
+                value = onnx.helper.get_attribute_value(a)
+            except Exception:  # noqa: BLE001 - an attribute of an undefined type
+                value = None
+            number = isinstance(value, (int, float)) and not isinstance(default, list)
+            ints = isinstance(value, list) and isinstance(default, list) and all(type(v) is int for v in value)
+            if not (number or ints):
+                raise ConvertError(f"node {node.name!r} ({node.op_type}) has attribute {name!r} of the wrong "
+                                   f"type ({type(value).__name__}); the export is damaged")
+            return value
     return default
 
 
@@ -340,7 +350,27 @@ class _Reader:
             raise ConvertError(f"{self.where}: tensors of the wrong shape: {'; '.join(wrong[:4])}")
 
 
+def _names(model):
+    """Every name and op type in the model (protobuf hands back bytes for one that is not UTF-8)."""
+    for t in model.graph.initializer:
+        yield t.name
+        for e in t.external_data:
+            yield e.key
+            yield e.value
+    for node in _nodes(model.graph):
+        yield node.name
+        yield node.op_type
+        yield from node.input
+        yield from node.output
+        for a in node.attribute:
+            yield a.name
+
+
 def _check_graph(model, where: str) -> None:
+    for name in _names(model):
+        if not isinstance(name, str) or not name.isprintable():
+            raise ConvertError(f"{where} holds a name that is not printable UTF-8 text ({str(name)[:60]!r}); "
+                               "the file is damaged")
     if len(model.graph.sparse_initializer):
         raise ConvertError(f"{where} stores sparse initializers "
                            f"({model.graph.sparse_initializer[0].values.name!r}); ftjax reads dense ones only")

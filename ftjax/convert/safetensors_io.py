@@ -64,7 +64,7 @@ def _shard_names(index: pathlib.Path) -> list[str]:
                            "names to shard file names)")
     names = sorted(set(weight_map.values()))
     for name in names:
-        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        if not name.isprintable() or name in ("", ".", "..") or "/" in name or "\\" in name:
             raise ConvertError(f"{index} names the shard {name[:100]!r}, which is not a file name in "
                                "its folder; the index is damaged")
     return names

@@ -29,6 +29,7 @@ import math
 import os
 import pathlib
 import pickle
+import pickletools
 import struct
 import tarfile
 import zipfile
@@ -43,6 +44,7 @@ __all__ = ["load_state_dict"]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+_LEGACY_MAGIC_BYTES = _LEGACY_MAGIC.to_bytes(10, "little")
 # Wrapper keys tried, in order, when the top-level dict is a training checkpoint.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _RESAVE = "re-save the weights with torch.save(model.state_dict(), path) in torch >= 1.6"
@@ -198,8 +200,72 @@ def _short(x: Any, n: int = 80) -> str:
     return one_line(text)[:n]
 
 
+# opcode -> bytes of its little-endian length; each length is checked against the file before reading.
+_COUNTED = {b"\x8c": 1, b"U": 1, b"C": 1, b"\x8a": 1, b"X": 4, b"B": 4, b"T": 4, b"\x8b": 4, b"\x8d": 8,
+            b"\x8e": 8, b"\x96": 8, b"\x95": 8}
+_FIXED = {op.code.encode("latin-1"): op.arg.n for op in pickletools.opcodes if op.arg is not None and op.arg.n > 0}
+_LINES = {op.code.encode("latin-1"): 2 if op.arg.name.endswith("_pair") else 1
+          for op in pickletools.opcodes if op.arg is not None and op.arg.n == pickletools.UP_TO_NEWLINE}
+_KNOWN = {op.code.encode("latin-1") for op in pickletools.opcodes}
+
+
+def _check_opcodes(f: Any, end: int) -> None:
+    """Walks one pickle's opcodes (to STOP) before the unpickler runs them; raises ValueError on a trap.
+
+    CPython's unpickler trusts the file's numbers: a BINBYTES8 length is allocated before it is
+    read, a LONG_BINPUT index sizes the memo array (index 2**31: 16 GB), and integers of
+    thousands of digits (or colliding hashes) make dicts quadratic. torch.save numbers its memo
+    from 0 and writes 64-bit integers, so anything else is refused here.
+    """
+    ops = 0
+    while True:
+        code = f.read(1)
+        ops += 1
+        if not code:
+            raise ValueError("the pickle ends before its STOP opcode")
+        if code == b".":
+            return
+        if code not in _KNOWN:
+            raise ValueError(f"invalid load key {code!r}")
+        if code in _COUNTED:
+            width = _COUNTED[code]
+            raw = f.read(width)
+            if len(raw) < width:
+                raise ValueError("the pickle ends inside an opcode")
+            n = int.from_bytes(raw, "little")
+            if n > end - f.tell():
+                raise ValueError(f"an opcode declares {n} bytes, more than the file holds")
+            if code == b"\x8b" or (code == b"\x8a" and n > 9 and _LEGACY_MAGIC_BYTES != f.read(n)):
+                raise ValueError("an integer wider than 64 bits")  # the legacy magic number is the one exception
+            if code != b"\x95" and not (code == b"\x8a" and n > 9):  # FRAME: its bytes are opcodes, read on
+                f.seek(n, io.SEEK_CUR)
+        elif code in _FIXED:
+            raw = f.read(_FIXED[code])
+            if len(raw) < _FIXED[code]:
+                raise ValueError("the pickle ends inside an opcode")
+            if code in (b"q", b"r") and int.from_bytes(raw, "little") > ops:
+                raise ValueError(f"memo index {int.from_bytes(raw, 'little')} beyond the {ops} opcodes before it")
+        elif code in _LINES:
+            for _ in range(_LINES[code]):
+                line = f.readline(1 << 16)
+                if not line.endswith(b"\n"):
+                    raise ValueError("an opcode's text argument has no end of line")
+            if code in (b"I", b"L", b"p", b"g") and len(line) > 24:
+                raise ValueError("an integer wider than 64 bits")
+            if code == b"p" and int(line.rstrip(b"L\n") or 0) > ops:
+                raise ValueError("a memo index beyond the opcodes before it")
+
+
 def _unpickle(file: Any, path: pathlib.Path, legacy: bool, what: str,
               codes: dict[str, str] | None = None) -> Any:
+    start, end = file.tell(), file.seek(0, io.SEEK_END)
+    file.seek(start)
+    try:
+        _check_opcodes(file, end)
+    except ValueError as e:
+        raise ConvertError(f"{path}: {what} is not a readable PyTorch pickle ({_short(str(e), 120)}); the file "
+                           "may be truncated or corrupt") from None
+    file.seek(start)
     try:
         return _SafeUnpickler(file, path, legacy, {} if codes is None else codes).load()
     except _Refused as e:

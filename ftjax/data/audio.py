@@ -85,7 +85,7 @@ def read_audio(source: AudioInput, *, max_seconds: float | None = MAX_SECONDS,
         raise UserError(f"audio file {label} does not exist")
     size = len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)
     try:
-        with sf.SoundFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as f:
+        with sf.SoundFile(_Bytes(source) if isinstance(source, (bytes, bytearray)) else source) as f:
             frames, rate, channels = f.frames, f.samplerate, f.channels
             if rate <= 0 or channels <= 0:
                 raise UserError(f"audio {label} declares {rate} Hz and {channels} channels; the file is damaged")
@@ -109,6 +109,17 @@ def read_audio(source: AudioInput, *, max_seconds: float | None = MAX_SECONDS,
     if not np.isfinite(data).all():
         raise UserError(f"audio {label} holds NaN or infinite samples; the file is damaged")
     return to_mono_16k(data, rate)
+
+
+class _Bytes(io.BytesIO):
+    """Encoded audio in memory; a seek before the start (a damaged header's offset) stays put.
+
+    io.BytesIO raises ValueError there, inside soundfile's C callback, where it can only be printed.
+    """
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: len(self.getbuffer())}.get(whence, 0)
+        return super().seek(offset, whence) if base + offset >= 0 else self.tell()
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:

@@ -324,8 +324,7 @@ class _Batcher:
         except UserError as e:  # e.g. undecodable bytes of a catalog dataset
             path = record.get("path") or record.get("file_name")
             where = f" ({path.decode(errors='replace') if isinstance(path, bytes) else path})" if path else ""
-            raise UserError(f"split {self.split!r}: example {index}{where} cannot be read as an image: "
-                            f"{e}") from None
+            raise UserError(f"split {self.split!r}: example {index}{where}: {e}") from None
 
     def __call__(self, indices: np.ndarray, mask: np.ndarray | None, *, step: int | None = None,
                  lengths: np.ndarray | None = None) -> Batch:
