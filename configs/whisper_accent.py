@@ -16,7 +16,9 @@ No arg: Whisper's own 30 s window, batch 16, AdamW 1e-5 (full), 3 epochs. For a 
 Args (combinable):
   demo      the 2-core CPU budget: a 10 s window (the clips are <= 10 s; the encoder's
             position table is sliced to 500 of its 1500 positions, cutting its cost ~3x),
-            600 train clips for one epoch, greedy decoding (results/speech/).
+            the 1,000 train clips for 2 epochs (124 steps) at lr 1e-4, greedy decoding.
+            Ours: en-029 test WER 0.656 -> 0.078, en-us control 0.351 -> 0.109, about
+            21 min (results/speech/).
   runlocal  a few steps on a subset, tiny Whisper from scratch, for smoke tests.
   method=   full, freeze (the encoder), lora (q, v of both stacks), adapter, bitfit.
 """
