@@ -65,7 +65,7 @@ def get_config(arg: str | None = None):
         c.data.max_audio_seconds = 10.0
         c.num_epochs = 2.0
         c.optimizer.lr = 1e-4  # few steps: a larger step than the GPU setting's
-        c.eval_every_steps = 0  # once, at the end
+        c.eval_every_steps = 0  # once an epoch; the best dev WER picks the final checkpoint
 
     common.set_method(c, a.method, METHOD_LR, what=" for Whisper")
     if a.method == "freeze":
