@@ -20,7 +20,7 @@ def row(workdir: pathlib.Path) -> str:
     forgetting = after["test_control"]["wer"] - before["test_control"]["wer"]
     minutes = s["train_time_s"] / 60
     return (f"| {s['method']} | {s['trainable_params']:,} ({100 * s['trainable_params'] / s['total_params']:.2f}%) "
-            f"| {c['optimizer']['lr']:g} | {s['final_step']} "
+            f"| {c['optimizer']['lr']:g} | {s['final_step']} ({s['best_step']}) "
             f"| {before['dev']['wer']:.3f} → {after['dev']['wer']:.3f} "
             f"| {before['test']['wer']:.3f} → **{after['test']['wer']:.3f}** ({100 * cut:.0f}% cut) "
             f"| {before['test']['cer']:.3f} → {after['test']['cer']:.3f} "
@@ -34,7 +34,7 @@ def main(paths: list[str]) -> None:
     print(f"Target accent `{speech['accent']}`, control `{speech['control_accent']}`; "
           f"window {first['data']['max_audio_seconds']:g} s for every score (zero-shot and fine-tuned); "
           f"greedy decoding (beams={first['generation']['beams']}); WER/CER on normalised text.\n")
-    print("| method | trainable | lr | steps | dev WER | test WER | test CER | control test WER (change) "
+    print("| method | trainable | lr | steps (best) | dev WER | test WER | test CER | control test WER (change) "
           "| train min |")
     print("|---|---:|---:|---:|---|---|---|---|---:|")
     for p in paths:
