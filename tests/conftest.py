@@ -99,3 +99,14 @@ def data_files(folder, train: int = 48, dev: int = 16, test: int = 16, vocab=Non
     if test:
         files["test"] = write_csv(folder / "test.csv", test, 2)
     return files
+
+
+def logged_losses(workdir) -> dict[int, float]:
+    """step -> train loss of a run's metrics.jsonl; a step logged twice (a rerun after a
+    kill) keeps its last value."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out

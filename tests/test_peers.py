@@ -5,7 +5,6 @@ process, not hang and not print a C++ stack trace; rerunning both processes cont
 from the last checkpoint with the same train losses, bitwise, as an uninterrupted run.
 """
 
-import json
 import os
 import pathlib
 import signal
@@ -17,7 +16,7 @@ import time
 import pytest
 
 from ftjax import cli
-from tests.conftest import data_files
+from tests.conftest import data_files, logged_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 24
@@ -63,15 +62,6 @@ def _finish(procs):
     for p, err in zip(procs, errs):
         assert p.returncode == 0, err[-3000:]
     return errs
-
-
-def _losses(workdir) -> dict[int, float]:
-    out = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            out[row["step"]] = row["train/loss"]
-    return out
 
 
 def _steps(workdir):
@@ -129,7 +119,7 @@ def test_killed_peer_stops_the_other_with_a_line_and_a_rerun_continues_bitwise(f
     assert kept and max(kept) < TOTAL
     errs = _finish(_start(files, workdir, port))
     assert "resumed from" in errs[0]
-    got, want = _losses(workdir), _losses(reference)
+    got, want = logged_losses(workdir), logged_losses(reference)
     assert sorted(got) == list(range(1, TOTAL + 1)) and got == want  # exact float equality
 
 

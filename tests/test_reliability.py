@@ -21,7 +21,7 @@ import pytest
 from ftjax import checkpoint as ckpt_lib
 from ftjax import train, workdir_lock
 from ftjax.errors import UserError, one_line
-from tests.conftest import data_files, tiny_config
+from tests.conftest import data_files, logged_losses, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOLD = ("import sys; from ftjax.workdir_lock import WorkdirLock; lock = WorkdirLock(sys.argv[1]); lock.acquire(); "
@@ -44,15 +44,6 @@ def _holder(workdir):
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
-
-
-def _losses(workdir) -> dict[int, float]:
-    out = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            out[row["step"]] = row["train/loss"]
-    return out
 
 
 def _steps(folder) -> list[str]:
@@ -191,5 +182,5 @@ def test_full_disk_keeps_the_previous_checkpoint_and_the_rerun_continues_bitwise
     summary = train.train_and_evaluate(config, str(workdir))
     assert f"resumed from {workdir} at step 2" in capsys.readouterr().err  # the kept checkpoint restores
     assert summary["final_step"] == 6
-    want, got = _losses(reference), _losses(workdir)
+    want, got = logged_losses(reference), logged_losses(workdir)
     assert sorted(got) == list(range(1, 7)) and got == want  # exact float equality

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import data_files
+from tests.conftest import data_files, logged_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 12
@@ -49,16 +49,6 @@ def _run(args, devices=8, check=True):
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
-
-
-def _losses(workdir) -> dict[int, float]:
-    """step -> train loss; a step logged twice (a rerun after a kill) keeps its last value."""
-    out = {}
-    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            out[row["step"]] = row["train/loss"]
-    return out
 
 
 def _params(workdir):
@@ -97,7 +87,7 @@ def test_sigkill_then_rerun_logs_the_same_losses_bitwise(files, reference, tmp_p
     assert killed_at < TOTAL
     r = _run(args)
     assert f"resumed from {workdir} at step" in r.stderr
-    want, got = _losses(reference), _losses(workdir)
+    want, got = logged_losses(reference), logged_losses(workdir)
     assert sorted(got) == list(range(1, TOTAL + 1)) and got == want  # exact float equality
     a, b = _flat(_params(reference)), _flat(_params(workdir))
     assert list(a) == list(b)
@@ -124,7 +114,7 @@ def test_sigterm_saves_says_how_to_continue_and_the_rerun_matches(files, referen
     assert (workdir / "checkpoints" / str(step)).is_dir()
     assert "Traceback" not in err
     _run(args)
-    assert _losses(workdir) == _losses(reference)
+    assert logged_losses(workdir) == logged_losses(reference)
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(files, tmp_path):
@@ -167,7 +157,7 @@ def test_resume_on_other_device_counts(files, reference, tmp_path):
     assert "resumed from" in r.stderr
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final_step"] == TOTAL and summary["num_devices"] == 4
-    got, want = _losses(workdir), _losses(reference)
+    got, want = logged_losses(workdir), logged_losses(reference)
     assert sorted(got) == list(range(1, TOTAL + 1))
     # another device count sums in another order: equal to rounding, not bitwise
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-4)
@@ -198,6 +188,6 @@ def test_two_processes_of_four_devices_match_one_of_eight(files, reference, tmp_
         assert p.returncode == 0, err[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["num_devices"] == 8 and summary["final_step"] == TOTAL
-    got, want = _losses(workdir), _losses(reference)
+    got, want = logged_losses(workdir), logged_losses(reference)
     assert sorted(got) == sorted(want)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)

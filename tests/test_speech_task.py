@@ -153,16 +153,7 @@ def test_a_run_cut_after_a_checkpoint_continues_bitwise(trained, tmp_path):
     (work / "summary.json").unlink()
     summary = train.train_and_evaluate(_config(root / "tfds"), str(work))
     assert summary["start"].startswith("resumed from") and summary["final_step"] == 4
-
-    def losses(w):
-        out = {}
-        for line in (w / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if "train/loss" in row:
-                out[row["step"]] = row["train/loss"]
-        return out
-
-    assert losses(work) == losses(root / "w")
+    assert conftest.logged_losses(work) == conftest.logged_losses(root / "w")
     assert summary["before"] == trained[1]["before"]  # the zero-shot scores ride in the checkpoint
     assert summary["test"] == trained[1]["test"]
 

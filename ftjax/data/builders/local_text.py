@@ -250,6 +250,27 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
+def role_files(files: dict[str, str | None], no_train: str, what: str) -> dict[str, str]:
+    """Role -> absolute path of the set data.files.* entries, each an existing CSV/TSV/JSONL file.
+
+    Args:
+      files: role -> path or None.
+      no_train: the error line when there is no train file.
+      what: what a file is called in the missing-file error ("data file", "manifest").
+    """
+    unknown = set(files) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown split roles {sorted(unknown)}")
+    files = {r: os.path.abspath(os.path.expanduser(p)) for r, p in files.items() if p}
+    if "train" not in files:
+        raise UserError(no_train)
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise UserError(f"{what} {path} does not exist")
+        file_format(path)
+    return files
+
+
 def make_builder(files: dict[str, str | None], data_dir: str, *, text_column: str = "text",
                  text_pair_column: str | None = None, label_column: str = "label",
                  label_names: Sequence[str] | None = None, regression: bool = False) -> LocalText:
@@ -267,16 +288,8 @@ def make_builder(files: dict[str, str | None], data_dir: str, *, text_column: st
     Returns:
       A builder; call `ftjax.data.builders.prepare(builder)` then `as_data_source`.
     """
-    unknown = set(files) - set(ROLES)
-    if unknown:
-        raise ValueError(f"unknown split roles {sorted(unknown)}")
-    files = {r: os.path.abspath(os.path.expanduser(p)) for r, p in files.items() if p}
-    if "train" not in files:
-        raise UserError("data.name=local_text needs data.files.train (a .csv, .tsv or .jsonl file)")
-    for path in files.values():
-        if not os.path.isfile(path):
-            raise UserError(f"data file {path} does not exist")
-        file_format(path)
+    files = role_files(files, "data.name=local_text needs data.files.train (a .csv, .tsv or .jsonl file)",
+                       "data file")
     if regression:
         label_names = ()
     elif label_names is None:

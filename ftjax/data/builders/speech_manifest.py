@@ -151,17 +151,8 @@ def make_builder(files: dict[str, str | None], data_dir: str, *, audio_column: s
     Returns:
       A builder; call `ftjax.data.builders.prepare(builder)` then `as_data_source`.
     """
-    unknown = set(files) - set(ROLES)
-    if unknown:
-        raise ValueError(f"unknown split roles {sorted(unknown)}")
-    files = {r: os.path.abspath(os.path.expanduser(p)) for r, p in files.items() if p}
-    if "train" not in files:
-        raise UserError("data.name=speech_manifest needs data.files.train (a .csv, .tsv or .jsonl "
-                        "manifest of audio_path,text rows)")
-    for path in files.values():
-        if not os.path.isfile(path):
-            raise UserError(f"manifest {path} does not exist")
-        local_text.file_format(path)
+    files = local_text.role_files(files, "data.name=speech_manifest needs data.files.train (a .csv, .tsv or "
+                                  ".jsonl manifest of audio_path,text rows)", "manifest")
     c = SpeechManifestConfig(name="unnamed", files=files, audio_column=audio_column, text_column=text_column,
                              speaker_column=speaker_column, max_seconds=float(max_seconds))
     key = {"files": {r: _stamp(p, c) for r, p in sorted(files.items())},
