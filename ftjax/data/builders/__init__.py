@@ -19,6 +19,8 @@ from typing import Any
 BUILDERS = {
     "rotten_tomatoes": "ftjax.data.builders.rotten_tomatoes",
     "local_text": "ftjax.data.builders.local_text",
+    # BBC News articles (topic label; headline + body for headline generation).
+    "bbc_news": "ftjax.data.builders.bbc_news",
     # Offline Fashion-MNIST from the pinned asset (builder "ftjax_fashion_mnist"): the
     # name shadows TFDS's catalog entry, which would need a download.
     "fashion_mnist": "ftjax.data.builders.fashion_mnist",
