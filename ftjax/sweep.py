@@ -211,13 +211,37 @@ def _headline(summary: dict, tune: dict | None) -> str:
     return f"{split} {metric} {value:.4f}" if isinstance(value, (int, float)) else "no score"
 
 
+def provenance() -> dict[str, Any]:
+    """The commit (of the ftjax source the points import), date and machine of a run."""
+    import platform
+
+    import ftjax
+
+    src = pathlib.Path(ftjax.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, False
+    return {"commit": commit, "dirty": dirty, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+            "python": platform.python_version()}
+
+
 def run_point(point: Point, config: str, root: pathlib.Path, fixed: dict, python: str) -> tuple[int, float]:
     """Runs (or resumes) one point; returns (exit status, seconds)."""
     workdir = root / point.name
     workdir.mkdir(parents=True, exist_ok=True)
     meta = {"config": config, "overrides": point.overrides, "fixed": fixed, "seed": point.seed,
-            "stage": point.stage, "name": point.name}
-    (workdir / "sweep.json").write_text(json.dumps(meta, indent=2) + "\n")
+            "stage": point.stage, "name": point.name, **provenance()}
+    previous = workdir / "sweep.json"
+    if previous.is_file():  # a resumed point keeps when and where it started
+        old = json.loads(previous.read_text())
+        meta["started"] = old.get("started", meta["started"])
+        meta["resumed"] = old.get("resumed", 0) + 1
+    previous.write_text(json.dumps(meta, indent=2) + "\n")
     cmd = [python, "-m", "ftjax.main", *point.args(config, str(root), fixed), "--config.progress_bar=False"]
     start = time.time()
     with open(workdir / "sweep.log", "a") as log:
