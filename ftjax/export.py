@@ -109,7 +109,10 @@ def finish(run, state, loop, *, start_from: str, compile_s: float | None, writer
         "examples_per_s": loop.examples_seen / train_time if train_time else None,
         "tokens_per_s": loop.tokens_seen / train_time if train_time and loop.tokens_seen else None,
         "stopped_early": loop.stopped_early, "num_devices": run.mesh.size, "compile_s": compile_s,
-        "skipped_steps": loop.skipped_steps, "method": run.config.method, **run.task.summary(),
+        "skipped_steps": loop.skipped_steps, "method": run.config.method,
+        # the optimizer state's bytes over all devices (what a method saves besides gradients)
+        "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state.opt_state))),
+        "peak_rss_mb": _peak_rss_mb(), **run.task.summary(),
     }
     if loop.before is not None:
         summary["before"] = loop.before
@@ -122,6 +125,16 @@ def finish(run, state, loop, *, start_from: str, compile_s: float | None, writer
         (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (run.workdir / "config.json").write_text(run.config.to_json_best_effort(indent=2) + "\n")
     return summary
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
 FORMATS = ("auto", "hf", "sentence_transformers")

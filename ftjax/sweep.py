@@ -26,8 +26,10 @@ point is reported and the sweep goes on; its log is ROOT/NAME/sweep.log. Each po
 ROOT/NAME/sweep.json records its config, overrides, seed and stage, which
 `python -m ftjax.report` groups by.
 
-  --list       print each point's name and ftjax.main arguments (launch/sweep.sh
-               reads this to run the same grid on TPU VMs), run nothing
+  --list       print each point's name and ftjax.main arguments, tab-separated, one
+               point a line, and run nothing (launch/sweep.sh --grid-file reads this to
+               run the same grid on TPU VMs; the tune stage's points are listed once
+               the grid points' summaries are readable under --root)
   --only=RE    run only points whose name matches RE (a search)
   --python=P   the Python that runs the points (default: this one)
 """
@@ -120,7 +122,10 @@ def load_grid(spec: str) -> Grid:
         raise UserError(f"--grid={spec}: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_grid"):
         raise UserError(f"--grid={spec}: {path} defines no get_grid(arg=None)")
-    raw = module.get_grid(arg or None)
+    try:
+        raw = module.get_grid(arg or None)
+    except Exception as e:
+        raise UserError(f"--grid={spec}: get_grid({arg!r}): {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict) or "points" not in raw:
         raise UserError(f"--grid={spec}: get_grid() must return a dict with 'points'")
     unknown = set(raw) - _GRID_KEYS
@@ -278,7 +283,7 @@ def sweep(config: str | None, grid_spec: str, root: str, *, only: str | None = N
         for i, p in enumerate(points, 1):
             tag = f"[{i}/{len(points)}] {p.name}"
             if list_only:
-                print(f"{p.name}\t{shlex.join(p.args(config, root, grid.fixed))}", file=out)
+                print("\t".join([p.name, *p.args(config, root, grid.fixed)]), file=out)
                 continue
             summary = _summary(root_path, p)
             if summary is not None:
@@ -303,8 +308,8 @@ def sweep(config: str | None, grid_spec: str, root: str, *, only: str | None = N
         root_path.mkdir(parents=True, exist_ok=True)
         (root_path / "tuning.json").write_text(json.dumps(record, indent=2) + "\n")
         for group, g in record["groups"].items():
-            print(f"tuned {group or 'all'}: {g['chosen']}", file=out)
-    elif grid.tune and not list_only:
+            print(f"tuned {group}: {g['chosen']}", file=out)
+    elif grid.tune and not list_only and not failed:
         print("tune stage waits for every grid point to finish", file=out)
     stage(tuned)
     if failed:

@@ -8,6 +8,10 @@
 #                        --grid 'config.KEY=V1,V2,...' [--grid ...] [--config.KEY=VALUE ...] [options]
 #
 #   --grid KEY=V1,V2    one axis of the grid (repeat for more); KEY with or without "config."
+#   --grid-file=G.py[:ARG]  the runs of a grid file of `python -m ftjax.sweep` (points x seeds,
+#                       the same workdir names; --config may then be left out when the grid
+#                       names one); its tune stage is listed once the grid's summaries are
+#                       readable under the root (fetch them, or run ftjax.sweep locally)
 #   --config.KEY=VALUE  an override for every run
 #   --local             run here with `PYTHON -m ftjax.main` instead of on the TPU VM
 #   --python=PATH       the Python for --local (default: $FTJAX_PYTHON, else python)
@@ -28,6 +32,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 CONFIG=''
 ROOT=''
 GRIDS=()
+GRID_FILE=''
 FIXED=()
 LOCAL=0
 PYTHON=${FTJAX_PYTHON:-python}
@@ -39,6 +44,7 @@ while (($#)); do
         --config | --config=*) opt_value "$@"; CONFIG=$OPTVAL ;;
         --workdir-root | --workdir-root=*) opt_value "$@"; ROOT=$OPTVAL ;;
         --grid | --grid=*) opt_value "$@"; GRIDS+=("$OPTVAL") ;;
+        --grid-file | --grid-file=*) opt_value "$@"; GRID_FILE=$OPTVAL ;;
         --local) LOCAL=1; OPTSHIFT=1 ;;
         --python | --python=*) opt_value "$@"; PYTHON=$OPTVAL ;;
         --run-name | --run-name=*) opt_value "$@"; RUN_NAME=$OPTVAL ;;
@@ -53,7 +59,25 @@ while (($#)); do
 done
 
 [[ -n $ROOT ]] || die "missing --workdir-root (gs://BUCKET/PATH, or a folder with --local)"
-((${#GRIDS[@]})) || die "missing --grid 'config.KEY=V1,V2' (one per axis)"
+ROOT=${ROOT%/}
+CELL_ARGS=()  # with --grid-file: each cell's --config.KEY=VALUE words, tab-separated
+if [[ -n $GRID_FILE ]]; then
+    ((${#GRIDS[@]} == 0)) || die "give --grid axes or --grid-file, not both"
+    listing=$("$PYTHON" -m ftjax.sweep --grid="$GRID_FILE" --root="$ROOT" ${CONFIG:+"--config=$CONFIG"} --list) \
+        || die "could not list the points of --grid-file=$GRID_FILE"
+    cells=()
+    names=()
+    while IFS=$'\t' read -r -a words; do
+        ((${#words[@]} >= 3)) || continue
+        names+=("${words[0]}")
+        cells+=("${words[0]}")
+        [[ -n $CONFIG ]] || CONFIG=${words[1]#--config=}
+        CELL_ARGS+=("$(printf '%s\t' "${words[@]:3}")")
+    done <<<"$listing"
+    ((${#cells[@]})) || die "--grid-file=$GRID_FILE lists no points"
+fi
+[[ -n $CONFIG ]] || die "missing --config=CONFIG[:ARG]"
+[[ -n $GRID_FILE ]] || ((${#GRIDS[@]})) || die "missing --grid 'config.KEY=V1,V2' (one per axis) or --grid-file"
 if ((LOCAL)); then
     check_config "$CONFIG" .
     WORKERS=1
@@ -65,49 +89,50 @@ else
     check_workdir "$ROOT" "$WORKERS"
     [[ $DISTRIBUTED != auto ]] || DISTRIBUTED=$((WORKERS > 1))
 fi
-ROOT=${ROOT%/}
 
-# The cartesian product, first --grid outermost. A cell is its "KEY=VALUE" lines.
-cells=('')
-keys=' '
-for grid in "${GRIDS[@]}"; do
-    [[ $grid == *=* ]] || die "bad --grid '$grid': use KEY=V1,V2,..."
-    key=${grid%%=*}
-    key=${key#--}
-    key=${key#config.}
-    [[ $key =~ ^[A-Za-z0-9_][A-Za-z0-9_.]*$ ]] || die "bad --grid key '${grid%%=*}': use config.KEY"
-    [[ $keys != *" $key "* ]] || die "--grid $key given twice"
-    keys+="$key "
-    values=${grid#*=}
-    [[ -n $values && $values != ,* && $values != *, && $values != *,,* ]] \
-        || die "bad --grid '$grid': empty value (values are split on commas)"
-    IFS=, read -r -a vals <<<"$values"
-    next=()
-    for cell in "${cells[@]}"; do
-        for v in "${vals[@]}"; do
-            next+=("${cell:+$cell$'\n'}$key=$v")
+if [[ -z $GRID_FILE ]]; then
+    # The cartesian product, first --grid outermost. A cell is its "KEY=VALUE" lines.
+    cells=('')
+    keys=' '
+    for grid in "${GRIDS[@]}"; do
+        [[ $grid == *=* ]] || die "bad --grid '$grid': use KEY=V1,V2,..."
+        key=${grid%%=*}
+        key=${key#--}
+        key=${key#config.}
+        [[ $key =~ ^[A-Za-z0-9_][A-Za-z0-9_.]*$ ]] || die "bad --grid key '${grid%%=*}': use config.KEY"
+        [[ $keys != *" $key "* ]] || die "--grid $key given twice"
+        keys+="$key "
+        values=${grid#*=}
+        [[ -n $values && $values != ,* && $values != *, && $values != *,,* ]] \
+            || die "bad --grid '$grid': empty value (values are split on commas)"
+        IFS=, read -r -a vals <<<"$values"
+        next=()
+        for cell in "${cells[@]}"; do
+            for v in "${vals[@]}"; do
+                next+=("${cell:+$cell$'\n'}$key=$v")
+            done
         done
+        cells=("${next[@]}")
     done
-    cells=("${next[@]}")
-done
 
-cell_name() {  # the workdir folder of a cell: KEY-VALUE pairs joined by _, other characters -> -
-    local name='' line
-    while IFS= read -r line; do
-        line="${line%%=*}-${line#*=}"
-        name+="${name:+_}${line//[^A-Za-z0-9.-]/-}"
-    done <<<"$1"
-    printf '%s' "$name"
-}
+    cell_name() {  # the workdir folder of a cell: KEY-VALUE pairs joined by _, other characters -> -
+        local name='' line
+        while IFS= read -r line; do
+            line="${line%%=*}-${line#*=}"
+            name+="${name:+_}${line//[^A-Za-z0-9.-]/-}"
+        done <<<"$1"
+        printf '%s' "$name"
+    }
 
-names=()
-for cell in "${cells[@]}"; do  # all names first: a clash stops the sweep before any run starts
-    name=$(cell_name "$cell")
-    for seen in "${names[@]}"; do
-        [[ $seen != "$name" ]] || die "two cells get the same workdir name '$name'; make the values differ in letters, digits, . or -"
+    names=()
+    for cell in "${cells[@]}"; do  # all names first: a clash stops the sweep before any run starts
+        name=$(cell_name "$cell")
+        for seen in "${names[@]}"; do
+            [[ $seen != "$name" ]] || die "two cells get the same workdir name '$name'; make the values differ in letters, digits, . or -"
+        done
+        names+=("$name")
     done
-    names+=("$name")
-done
+fi
 
 workdirs=()
 failed=()
@@ -118,9 +143,13 @@ for ((i = 1; i <= n; i++)); do
     name=${names[i - 1]}
     workdirs+=("$ROOT/$name")
     overrides=()
-    while IFS= read -r line; do
-        overrides+=("--config.$line")
-    done <<<"$cell"
+    if [[ -n $GRID_FILE ]]; then
+        IFS=$'\t' read -r -a overrides <<<"${CELL_ARGS[i - 1]}"
+    else
+        while IFS= read -r line; do
+            overrides+=("--config.$line")
+        done <<<"$cell"
+    fi
     ftjax_args "$CONFIG" "$ROOT/$name" "$DISTRIBUTED" "${FIXED[@]}" "${overrides[@]}"
     if ((LOCAL)); then
         note "run $i/$n: $name"

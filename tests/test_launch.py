@@ -488,6 +488,26 @@ def test_sweep_dry_run_on_the_tpu(env):
     assert calls(env) == []
 
 
+def test_sweep_runs_a_grid_file_with_the_names_of_ftjax_sweep(env, tmp_path):
+    grid = tmp_path / "grid.py"
+    grid.write_text("def get_grid(arg=None):\n"
+                    "    return {'config': 'configs/bert_sst2.py:demo', 'fixed': {'num_epochs': 1.0},\n"
+                    "            'points': [{'method': m} for m in arg.split('+')], 'seeds': (0, 1)}\n")
+    r = launch("sweep.sh", *SETTINGS, "--workers=1", "--workdir-root=gs://bkt/g", f"--grid-file={grid}:lora+full",
+               f"--python={sys.executable}", "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr
+    (ssh,) = dry_commands(r.stdout)
+    chain = [w for w in shlex.split(remote_command(ssh)) if w.startswith("echo \"[1/4]")]
+    runs = ftjax_words(chain[0])
+    assert [a for run in runs for a in run if a.startswith("--workdir=")] == [
+        f"--workdir=gs://bkt/g/method-{m}_seed-{s}" for m in ("lora", "full") for s in (0, 1)]
+    assert runs[3] == ["--config=configs/bert_sst2.py:demo", "--workdir=gs://bkt/g/method-full_seed-1",
+                       "--config.num_epochs=1.0", "--config.method=full", "--config.seed=1"]
+    r = launch("sweep.sh", *SETTINGS, "--workdir-root=gs://bkt/g", f"--grid-file={grid}:lora", *GRID,
+               f"--python={sys.executable}", "--dry-run", env=env)
+    assert r.returncode != 0 and "not both" in r.stderr
+
+
 def test_sweep_on_the_tpu_is_one_ssh(env):
     r = launch("sweep.sh", *SETTINGS, "--workers=1", "--config=" + CONFIG, "--workdir-root=gs://bkt/sw", *GRID, env=env)
     assert r.returncode == 0, r.stderr
