@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.label_column = "label"
     c.data.label_names = placeholder(tuple)  # None: inferred from the train file (sorted)
     c.data.regression = False
-    # rotten_tomatoes builder: seeded by-movie split fractions.
+    # rotten_tomatoes (by movie) and bbc_news (stratified by topic) builders: seeded split fractions.
     c.data.split_seed = 0
     c.data.dev_fraction = 0.1
     c.data.test_fraction = 0.1

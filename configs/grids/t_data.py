@@ -1,0 +1,30 @@
+"""T-data: accuracy vs train-set size, pretrained fine-tuning vs the same architecture from scratch.
+
+  python -m ftjax.sweep --grid=configs/grids/t_data.py:text --root=DIR_TEXT
+  python -m ftjax.sweep --grid=configs/grids/t_data.py:vision --root=DIR_VISION
+  python -m ftjax.report DIR --x=data.train_limit --series=model.dont_load --out=results/tables/t_data_text
+
+text: all-MiniLM-L6-v2 on Rotten Tomatoes (the demo setting, lr 5e-5); vision:
+EfficientNet-Lite0 on Fashion-MNIST (the demo setting, 64 px). Train sets are the first
+100, 300, 1k, 3k examples of the (shuffled at build time) train split, or all of it.
+"From scratch" is the same config with `model.dont_load=(".*",)`: no pretrained weight
+is loaded (same architecture, tokenizer and budget). Both arms get the same steps per
+size: 100 for 100 and 300 examples (tens of epochs), 320 otherwise (1 epoch of the text
+train split at batch 32; a third of one Fashion-MNIST epoch at batch 64); 4 evaluations
+per run. 2 seeds (3 did not fit the tables' CPU budget).
+"""
+
+SIZES = {100: 100, 300: 100, 1000: 320, 3000: 320, 100_000: 320}  # train examples -> steps (100k: all)
+CONFIGS = {"text": "configs/bert_sst2.py:demo", "vision": "configs/effnet_fashion_mnist.py:demo"}
+KEEP_HEAD_FRESH = {"text": ("head/.*",), "vision": ("head/.*",)}  # the configs' own dont_load
+
+
+def get_grid(arg=None):
+    if arg not in CONFIGS:
+        raise ValueError(f"arg must be one of {', '.join(CONFIGS)}")
+    points = []
+    for size, steps in SIZES.items():
+        for dont_load in (KEEP_HEAD_FRESH[arg], (".*",)):
+            points.append({"data.train_limit": size, "model.dont_load": dont_load, "total_steps": steps,
+                           "eval_every_steps": steps // 4, "checkpoint_every_steps": steps // 4})
+    return {"config": CONFIGS[arg], "points": points, "seeds": (0, 1)}

@@ -1,0 +1,16 @@
+"""T-topic: BBC News topic classification (5 classes, long articles), 5 methods x 3 seeds.
+
+  python -m ftjax.sweep --grid=configs/grids/t_topic.py --root=DIR
+  python -m ftjax.report DIR --out=results/tables/t_topic
+
+configs/bbc_news.py: all-MiniLM-L6-v2, max length 256 (articles truncated), batch 16,
+2 epochs, each method's usual learning rate (no per-method tuning here: T-methods does
+that on Rotten Tomatoes).
+"""
+
+
+def get_grid(arg=None):
+    del arg
+    return {"config": "configs/bbc_news.py",
+            "points": [{"method": m} for m in ("full", "lora", "adapter", "bitfit", "linear_probe")],
+            "seeds": (0, 1, 2)}
