@@ -142,6 +142,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Audio is decoded and log-mel'ed by data.num_threads read threads.
     c.data.max_audio_seconds = 30.0    # the model's audio window (Whisper: 30); longer manifest clips are bad rows
     c.data.max_target_length = 128     # decoder tokens (prompt + text + end); longer transcripts are cut
+    # ---- prompt -> response data (task causal_lm, ftjax/data/causal.py) ----
+    # The user turn: a str.format template over the example's text features; the response
+    # is the feature data.response_key. With data.chat_template (and a tokenizer that has
+    # one) the prompt is wrapped in the model's chat template with its assistant header.
+    c.data.prompt_template = "{prompt}"
+    c.data.response_key = "response"
+    c.data.chat_template = True
+    c.data.system_prompt = placeholder(str)   # None: the chat template's own default (if any)
+    # Long sources: the feature data.truncate_key keeps its first data.truncate_tokens
+    # tokens before it goes into the template (e.g. an article's first paragraphs).
+    c.data.truncate_key = placeholder(str)
+    c.data.truncate_tokens = placeholder(int)
     c.data.speech = ml_collections.ConfigDict()
     c.data.speech.n_mels = 80          # mel bands of the input features (128 for large-v3)
     c.data.speech.audio_column = "audio_path"  # speech_manifest: audio paths, relative to the manifest
@@ -208,6 +220,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.generation.max_new_tokens = 96        # tokens generated after the prompt
     c.generation.length_penalty = 1.0       # beam choice: sum log p / length ** length_penalty
     c.generation.language = placeholder(str)  # multilingual Whisper: language code ("en"); None: English-only
+    # Sampling instead of greedy / beam search (decoder LMs): temperature > 0 samples,
+    # from the smallest set of tokens whose probability reaches top_p.
+    c.generation.temperature = 0.0
+    c.generation.top_p = 1.0
     # A NaN/Inf train loss or gradient: "stop" (one line naming the step and metric; the
     # last checkpoint, saved before it, stays) or "skip" (that update is dropped).
     c.nonfinite = "stop"

@@ -1,4 +1,4 @@
-"""Autoregressive decoding on device: greedy and beam search over a KV-cached step function.
+"""Autoregressive decoding on device: greedy, beam search and sampling over a KV-cached step function.
 
 Both run inside one jitted computation (`lax.while_loop`), for any model that offers
 
@@ -135,6 +135,57 @@ def beam_search(step: StepFn, cache, prompt: jax.Array, *, beams: int, max_new_t
     normalised = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
     best = jnp.argmax(normalised, axis=1)
     return jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
+
+
+def sample(step: StepFn, cache, prompt: jax.Array, rng: jax.Array, *, max_new_tokens: int, eos_id: int,
+           temperature: float = 1.0, top_p: float = 1.0, suppress=None) -> jax.Array:
+    """Ancestral sampling with temperature and nucleus (top-p) filtering.
+
+    Each step samples from softmax(logits / temperature) restricted to the smallest set of
+    tokens whose probability reaches `top_p` (the most likely token always stays in).
+
+    Args:
+      step: the cached step function.
+      cache: the initial cache for N rows.
+      prompt: int32 [N, n].
+      rng: a PRNG key; the result is a function of it.
+      max_new_tokens: the most tokens generated after the prompt.
+      eos_id: the end token.
+      temperature: > 0.
+      top_p: in (0, 1].
+      suppress: bool [V] tokens never produced, or None.
+
+    Returns:
+      int32 [N, max_new_tokens], EOS-padded after the first EOS.
+    """
+    n, start = prompt.shape
+    logits, cache = step(prompt, cache, jnp.int32(0))
+    out = jnp.full((n, max_new_tokens), eos_id, jnp.int32)
+
+    def pick(last_logits, key):
+        logits = _constrain(last_logits, suppress, None, False) / temperature
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
+        sorted_logits = jnp.where(before < top_p, sorted_logits, NEG)
+        choice = jax.random.categorical(key, sorted_logits, axis=-1)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, out, last_logits, done, cache = carry
+        token = jnp.where(done, eos_id, pick(last_logits, jax.random.fold_in(rng, i)))
+        out = out.at[:, i].set(token)
+        done = done | (token == eos_id)
+        logits, cache = step(token[:, None], cache, start + i)
+        return i + 1, out, logits[:, -1], done, cache
+
+    carry = (jnp.int32(0), out, logits[:, -1], jnp.zeros((n,), bool), cache)
+    return jax.lax.while_loop(cond, body, carry)[1]
 
 
 def token_mask(vocab_size: int, ids) -> jax.Array:

@@ -102,9 +102,10 @@ def finish(run, state, loop, *, start_from: str, compile_s: float | None, writer
     summary: dict[str, Any] = {
         "final_step": final_step, "best_step": best_step, "total_params": run.total_params,
         "trainable_params": run.trainable_params, "start": start_from,
-        "dev": train.evaluate(run, variables, "dev"),
-        "test": train.evaluate(run, variables, "test") if run.data.has_split("test") else None,
-        **{split: train.evaluate(run, variables, split) for split in train.eval_splits(run) if split not in ("dev", "test")},
+        "dev": train.evaluate(run, variables, "dev", tag="final"),
+        "test": train.evaluate(run, variables, "test", tag="final") if run.data.has_split("test") else None,
+        **{split: train.evaluate(run, variables, split, tag="final") for split in train.eval_splits(run)
+           if split not in ("dev", "test")},
         "train_time_s": train_time,
         "examples_per_s": loop.examples_seen / train_time if train_time else None,
         "tokens_per_s": loop.tokens_seen / train_time if train_time and loop.tokens_seen else None,

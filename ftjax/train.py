@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -417,8 +418,13 @@ def initial_state(run: Run) -> tuple[Any, LoopState, str]:
     return jax.jit(make_state, out_shardings=replicated)(variables), LoopState(), start_from
 
 
-def evaluate(run: Run, variables, split: str) -> dict[str, float]:
-    """Runs the task's predict over every example of `split`; returns its evaluators' metrics."""
+def evaluate(run: Run, variables, split: str, tag: str | None = None) -> dict[str, float]:
+    """Runs the task's predict over every example of `split`; returns its evaluators' metrics.
+
+    An evaluator with a `samples()` method (a generation task's first few outputs beside
+    their references) has them written to W/samples/{split}_{tag}.json when `tag` is given
+    ("before", "step{N}", "final").
+    """
     evaluators = run.task.evaluators()
     predict_keys = run.task.predict_keys or run.model.input_keys
     row_keys = (*run.task.eval_keys, "mask")
@@ -433,6 +439,10 @@ def evaluate(run: Run, variables, split: str) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for evaluator in evaluators:
         metrics.update(evaluator.result())
+        if tag is not None and hasattr(evaluator, "samples") and jax.process_index() == 0:
+            folder = run.workdir / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}_{tag}.json").write_text(json.dumps(evaluator.samples(), indent=2) + "\n")
     return metrics
 
 
@@ -449,7 +459,7 @@ def evaluate_before_training(run: Run, state, loop: LoopState, writer: MetricWri
     if not run.config.eval_before_training or loop.before is not None:
         return
     variables = step_lib.variables_of(state.params, state.model_state)
-    loop.before = {split: evaluate(run, variables, split) for split in eval_splits(run)}
+    loop.before = {split: evaluate(run, variables, split, tag="before") for split in eval_splits(run)}
     writer.write(int(state.step), {f"before_{split}/{k}": v for split, m in loop.before.items()
                                    for k, v in m.items()})
     info("before training: " + "; ".join(f"{split} {run.config.metric} {m.get(run.config.metric)}"
@@ -459,7 +469,7 @@ def evaluate_before_training(run: Run, state, loop: LoopState, writer: MetricWri
 def evaluate_and_track(run: Run, state, loop: LoopState, step: int, writer: MetricWriter) -> dict:
     """Dev evaluation at `step`: log it, track the best value, decide early stopping; returns it."""
     config = run.config
-    dev = evaluate(run, step_lib.variables_of(state.params, state.model_state), "dev")
+    dev = evaluate(run, step_lib.variables_of(state.params, state.model_state), "dev", tag=f"step{step}")
     writer.write(step, {f"dev/{k}": v for k, v in dev.items()})
     if config.metric not in dev:
         raise UserError(f"config.metric={config.metric!r} is not a dev metric ({', '.join(dev)})")

@@ -123,3 +123,24 @@ def test_token_mask_ignores_ids_outside_the_vocabulary():
     m = np.asarray(decoding.token_mask(V, [1, 7, -1]))
     assert m.tolist() == [False, True, False, False, False]
     assert not np.asarray(decoding.token_mask(V, [])).any()
+
+
+def test_sampling_matches_the_nucleus_distribution_and_tiny_top_p_is_greedy():
+    table = _table(3)
+    prev = 2
+    probs = np.exp(table[prev])
+    order = np.argsort(-probs)
+    keep = order[:np.searchsorted(np.cumsum(probs[order]), 0.8) + 1]  # the 0.8 nucleus
+    rows = 4000
+    prompt = jnp.full((rows, 1), prev, jnp.int32)
+    cache = jnp.zeros((rows, 3), jnp.int32)
+    run = jax.jit(lambda c, p, key, top_p: decoding.sample(_step_of(table), c, p, key, max_new_tokens=1,
+                                                            eos_id=EOS, temperature=1.0, top_p=top_p))
+    first = np.asarray(run(cache, prompt, jax.random.key(0), 0.8))[:, 0]
+    assert set(np.unique(first)) <= set(keep.tolist())
+    expect = probs[keep] / probs[keep].sum()
+    got = np.array([(first == k).mean() for k in keep])
+    np.testing.assert_allclose(got, expect, atol=0.03)
+    assert np.array_equal(first, np.asarray(run(cache, prompt, jax.random.key(0), 0.8))[:, 0])  # keyed
+    tiny = np.asarray(run(cache, prompt, jax.random.key(1), 1e-6))[:, 0]
+    assert (tiny == order[0]).all()

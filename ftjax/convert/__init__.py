@@ -2,8 +2,9 @@
 
 Sources: HF snapshot folders (model.safetensors, a sharded index, or PyTorch
 pytorch_model.bin read by the torch-free reader), EfficientNet-PyTorch .pth files,
-ONNX encoder exports beside a config.json (ftjax.convert.onnx_io) and CTranslate2
-folders such as faster-whisper's (ftjax.convert.ctranslate2).
+ONNX encoder exports beside a config.json (ftjax.convert.onnx_io), CTranslate2
+folders such as faster-whisper's (ftjax.convert.ctranslate2) and llama GGUF files
+(ftjax.convert.gguf, dequantized).
 
   python -m ftjax.convert SRC DST    # SRC: HF folder, hub name or asset:NAME
 """
@@ -29,8 +30,9 @@ def read_weights(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     """Every tensor of a folder, in HF names and layout.
 
     A CTranslate2 model.bin (told by its header) first, in CTranslate2's names; else
-    safetensors if there, else one PyTorch .bin/.pth (safe reader), else one .onnx export
-    (its initializers mapped onto HF names by the folder's config.json model_type).
+    safetensors if there, else one GGUF file (dequantized, in HF names), else one PyTorch
+    .bin/.pth (safe reader), else one .onnx export (its initializers mapped onto HF names
+    by the folder's config.json model_type).
     """
     from ftjax.convert import ctranslate2
 
@@ -41,6 +43,10 @@ def read_weights(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
         return ctranslate2.read(model_dir / "model.bin").variables
     if (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file():
         return read_safetensors_folder(model_dir)
+    if any(model_dir.glob("*.gguf")):
+        from ftjax.convert import gguf
+
+        return gguf.read(gguf.find_gguf(model_dir)).tensors
     torch_files = sorted(model_dir.glob("*.bin")) + sorted(model_dir.glob("*.pth"))
     if len(torch_files) == 1:
         from ftjax.convert import torch_pickle
@@ -86,7 +92,7 @@ def convert_folder(model_dir: str | pathlib.Path, family: str = "bert") -> dict[
 
 def _cache_key(model_dir: pathlib.Path, family: str) -> str:
     h = hashlib.sha256(f"{_CACHE_VERSION}|{family}|{model_dir.resolve()}".encode())
-    patterns = ("*.safetensors", "*.json", "*.bin", "*.pth", "*.onnx")
+    patterns = ("*.safetensors", "*.json", "*.bin", "*.pth", "*.onnx", "*.gguf")
     for f in sorted(p for pattern in patterns for p in model_dir.glob(pattern)):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -164,6 +170,10 @@ def write_converted(src: str, dst: str, family: str = "bert") -> int:
 
     if ctranslate2.is_ct2_file(model_dir / "model.bin"):  # its config.json is CTranslate2's own
         (dst_path / "config.json").write_text(json.dumps(ctranslate2.hf_config(model_dir), indent=2) + "\n")
+    elif not (model_dir / "config.json").is_file() and any(model_dir.glob("*.gguf")):  # the GGUF's metadata
+        from ftjax.convert import gguf
+
+        (dst_path / "config.json").write_text(json.dumps(gguf.read_config(gguf.find_gguf(model_dir)), indent=2) + "\n")
     elif (model_dir / "config.json").is_file():
         shutil.copy(model_dir / "config.json", dst_path / "config.json")
     (dst_path / "source.json").write_text(json.dumps({"source": str(model_dir), "family": family}) + "\n")

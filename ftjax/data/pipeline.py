@@ -262,7 +262,7 @@ class SplitData:
     tokenizer_dir = None
     _group = 0  # > 0: train batches grouped by length in chunks of this many batches
 
-    def _open(self, config, process_index: int, process_count: int) -> None:
+    def _open(self, config, process_index: int, process_count: int, labels: bool = True) -> None:
         d = config.data
         for what, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
             if size <= 0 or size % process_count:
@@ -270,7 +270,7 @@ class SplitData:
                                 f"count {process_count}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self._sources = tfds_sources.load_sources(config)
+        self._sources = tfds_sources.load_sources(config, labels=labels)
         self._process_index, self._process_count = process_index, process_count
         self._seed, self._window = int(config.seed), int(d.shuffle_buffer)
         self._batch_size, self._eval_batch_size = config.batch_size, config.eval_batch_size

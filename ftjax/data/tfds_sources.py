@@ -42,7 +42,7 @@ _LEGACY_MODULES = {
 
 ROLES = ("train", "dev", "test")
 # ftjax builders whose splits are the roles themselves, and whose features are fixed.
-_ROLE_SPLITS = ("local_text", "image_folder")
+_ROLE_SPLITS = ("local_text", "image_folder", "local_prompts")
 _IMAGE_BUILDERS = ("fashion_mnist", "image_folder")
 _SPEECH_BUILDERS = ("speech_manifest", "audio_folder", "accent_speech")
 # Transcript features of catalog speech datasets, tried in order (data.speech.text_key overrides).
@@ -174,7 +174,7 @@ def _label_info(features, label_key: str, name: str) -> tuple[list[str], bool]:
                     "(regression) label")
 
 
-def load_sources(config) -> Sources:
+def load_sources(config, labels: bool = True) -> Sources:
     """Prepares (if needed) the dataset of `config.data` and opens its splits.
 
     Roles map to split names through config.data.{train,dev,test}_split; test_split
@@ -184,6 +184,8 @@ def load_sources(config) -> Sources:
 
     Args:
       config: the experiment config.
+      labels: False for data read by feature name with no label (prompt -> response
+        data: the task reads its own features); text_keys and the label are not checked.
 
     Returns:
       Sources with a data source per available role.
@@ -210,6 +212,10 @@ def load_sources(config) -> Sources:
         names = {r: s for r, s in (("train", d.train_split), ("dev", d.dev_split),
                                    ("test", d.test_split)) if s}
         text_keys, label_key = tuple(d.text_keys), d.label_key
+    if not labels:
+        splits = _open_splits(builder, names, d.name, data_dir)
+        return Sources(name=d.name, splits=splits, split_names=names, text_keys=(), label_key=None,
+                       label_names=[], regression=False, image_key=None)
     image_key = None
     if d.name in _IMAGE_BUILDERS:
         image_key, text_keys = "image", ()

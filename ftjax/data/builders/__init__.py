@@ -19,6 +19,8 @@ from typing import Any
 BUILDERS = {
     "rotten_tomatoes": "ftjax.data.builders.rotten_tomatoes",
     "local_text": "ftjax.data.builders.local_text",
+    # prompt -> response files (task causal_lm)
+    "local_prompts": "ftjax.data.builders.local_prompts",
     # BBC News articles (topic label; headline + body for headline generation).
     "bbc_news": "ftjax.data.builders.bbc_news",
     # Offline Fashion-MNIST from the pinned asset (builder "ftjax_fashion_mnist"): the
