@@ -6,7 +6,7 @@ setuptools.setup(
     name="ftjax",
     version="0.1.0",
     description="Fine-tuning pretrained text, image and speech models (BERT, MiniLM, ViT, ResNet, "
-                "EfficientNet-Lite, Whisper) with JAX, Flax and Optax.",
+                "EfficientNet-Lite, Whisper) and decoder LMs (Llama, GPT-2) with JAX, Flax and Optax.",
     packages=setuptools.find_packages(include=["ftjax", "ftjax.*"]),
     python_requires=">=3.11",
     install_requires=[
@@ -20,7 +20,7 @@ setuptools.setup(
         "importlib_resources>=6",  # tfds 4.9.10 imports it without declaring it
         "array_record>=0.8,<0.9",
         "grain>=0.2.18,<0.3",
-        "transformers>=5,<6",
+        "transformers>=5.24,<6",  # 5.24: its torch-free GGUF tokenizer converter
         "tokenizers>=0.22,<0.24",
         "huggingface_hub>=1.0,<2",
         "safetensors>=0.6,<0.9",
@@ -35,6 +35,11 @@ setuptools.setup(
         "soundfile>=0.12,<0.15",  # audio decoding (libsndfile: WAV, FLAC, OGG, MP3)
         "soxr>=0.5,<2",  # resampling to 16 kHz
         "jiwer>=3,<5",  # word and character error rates
+        "gguf>=0.19,<1",  # GGUF weights (llama.cpp's format): header, tensor types, dequantization
+        "jinja2>=3.1,<4",  # chat templates (transformers' apply_chat_template)
+        "rouge-score>=0.1.2,<0.2",  # ROUGE-1/2/L of generated text
+        "matplotlib>=3.8,<4",  # ftjax.report's plots
+        "pyyaml>=6,<7",  # ftjax.report's paper-number files
     ],
     # scikit-image: the sample photos of the EfficientNet-Lite0 top-1 test; hypothesis: the reader fuzz tests
     extras_require={"test": ["pytest>=8,<10", "scikit-image>=0.24", "hypothesis>=6.100,<7"]},

@@ -547,7 +547,8 @@ def resolve_model_dir(spec: str) -> pathlib.Path:
     """Turns `config.model.pretrained` into a local HF-layout folder.
 
     Args:
-      spec: a local folder with config.json; "asset:NAME" for a pinned asset; or an
+      spec: a local folder with config.json (or one .gguf file), a .gguf file; "asset:NAME"
+        for a pinned asset; or an
         HF hub repo id such as "bert-base-uncased" (the local HF cache first, then the hub).
 
     Returns:
@@ -560,10 +561,15 @@ def resolve_model_dir(spec: str) -> pathlib.Path:
     if spec.startswith("asset:"):
         return fetch(spec.split(":", 1)[1])
     path = pathlib.Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":  # a GGUF file: its config and tokenizer come from it
+        from ftjax.convert import gguf
+
+        return gguf.materialize(path)
     if path.exists() or spec.startswith((".", "/", "~")):
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
             raise AssetError(f"model folder {path} has no config.json; pass an HF snapshot "
-                             "folder (config.json + model.safetensors) or asset:minilm")
+                             "folder (config.json + model.safetensors), a folder or file of GGUF weights, "
+                             "or asset:minilm")
         return path
     try:
         try:  # the HF cache first: no network, and works under HF_HUB_OFFLINE=1

@@ -16,7 +16,9 @@ from typing import Sequence
 class Predictor:
     """Runs an exported model on raw texts, image files / encoded image bytes, or audio files."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, generation: dict | None = None):
+        """Loads the export of `path` (a workdir or its export/ folder); `generation`
+        overrides its generation settings (max_new_tokens, beams, temperature, top_p, seed)."""
         import jax
 
         from ftjax import checkpoint as ckpt_lib
@@ -30,20 +32,22 @@ class Predictor:
         if (export_dir / "export").exists():
             export_dir = export_dir / "export"
         self.meta = meta = {**meta, "export_dir": str(export_dir)}
+        if generation:
+            meta["generation"] = {**meta.get("generation", {}), **generation}
         self.family = models.family(meta["family"])
         self.task = tasks.from_meta(meta)
         self.variables = {"params": params, **ckpt_lib.load_export_model_state(path)}
         # Merged methods export plain models; adapters, prompts and prefixes keep theirs.
         options = models.EncoderOptions(peft=Peft(**meta.get("peft", {})), image_size=meta.get("image_size"))
         model = self.task.build_model(meta["family"], meta["model_config"], options)
-        self._predict = jax.jit(lambda v, batch: self.task.predict(model, v, batch))
-        self._keys = self.task.predict_keys or model.input_keys
+        self._predict = jax.jit(lambda v, batch: self.task.infer(model, v, batch))
+        self._keys = self.task.infer_keys or self.task.predict_keys or model.input_keys
         if self.family.modality == "image":
             from ftjax.data import images
 
             self.preprocess = images.ImagePreprocess(**{
                 k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocess"].items()})
-        elif self.family.modality == "text":
+        elif self.family.modality == "text" and "causal_lm" not in self.family.provides:
             from ftjax.data import tokenizer as tok_lib
 
             self.tokenizer = tok_lib.load_tokenizer(export_dir / "tokenizer")
@@ -100,7 +104,10 @@ class Predictor:
         """
         import jax
 
-        if self.family.modality == "image":
+        batch = self.task.raw_batch(list(inputs))
+        if batch is not None:
+            pass
+        elif self.family.modality == "image":
             batch = self._images(inputs)
         elif self.family.modality == "audio":
             batch = self._audio(inputs)

@@ -3,6 +3,8 @@
   python -m ftjax.predict --workdir=W "text" ...       # a text model
   python -m ftjax.predict --workdir=W photo.jpg ...    # an image model: image files
   python -m ftjax.predict --workdir=W clip.wav ...     # a speech model: audio files (the transcript)
+  python -m ftjax.predict --workdir=W "article ..."    # a decoder LM (causal_lm): the generated text;
+      --beams=4 (beam search), --temperature=0.8 --top_p=0.9 --seed=1 (sampling), --max_new_tokens=N
 
 Loads the params-only export (W/export) with its tokenizer or image preprocessing and
 prints one line per input, as its task renders it: the label and its probability
@@ -23,6 +25,11 @@ from ftjax import cli  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (or its export/ folder).")
 _PAIR = flags.DEFINE_string("pair", None, "Second text for sentence-pair models (applies to all inputs).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Inputs per forward pass.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Generation: the most new tokens (default: the run's).")
+_BEAMS = flags.DEFINE_integer("beams", None, "Generation: beam search with this many beams (1: greedy).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Generation: > 0 samples at this temperature.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Generation: sample from the top-p nucleus (with --temperature).")
+_SEED = flags.DEFINE_integer("seed", None, "Generation: the sampling seed.")
 
 from ftjax.inference import Predictor  # noqa: E402
 
@@ -35,7 +42,10 @@ def main(argv):
     if not texts:
         raise app.UsageError('give one or more texts (or image / audio files): python -m ftjax.predict --workdir=W "text" ...')
     with cli.user_errors():
-        predictor = Predictor(_WORKDIR.value)
+        generation = {k: f.value for k, f in (("max_new_tokens", _MAX_NEW), ("beams", _BEAMS),
+                                              ("temperature", _TEMPERATURE), ("top_p", _TOP_P), ("seed", _SEED))
+                      if f.value is not None}
+        predictor = Predictor(_WORKDIR.value, generation=generation)
         for start in range(0, len(texts), _BATCH.value):
             chunk = texts[start:start + _BATCH.value]
             pairs = [_PAIR.value] * len(chunk) if _PAIR.value else None

@@ -362,6 +362,10 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
     if jax.process_index() == 0:
         info(f"method {config.method}; parameters by trainable rule:\n"
              + optim.format_rule_table(param_shapes, trainable_rules))
+    if optim.trainable_count(param_shapes, trainable_rules) == 0:
+        raise UserError(f"method {config.method} trains no parameter of this {family.name} model (its rules "
+                        "match none: no biases for bitfit, no task head for linear_probe, ...); pick another "
+                        "method or add rules (config.optimizer.trainable)")
 
     def make_state(variables):
         params = variables["params"]

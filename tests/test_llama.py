@@ -353,3 +353,21 @@ def test_bad_checkpoints_are_one_line_errors():
     no_prefix = {k.removeprefix("model."): v for k, v in tensors.items()}
     no_prefix["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(6, np.float32)  # old files' buffer
     assert llama_convert.convert(no_prefix).keys() == llama_convert.convert(tensors).keys()
+
+
+@pytest.mark.parametrize("family, folder", [("llama", "llama_tiny_random"), ("llama", "llama_tiny_random_tied"),
+                                            ("gpt2", "gpt2_tiny_random")])
+def test_ia3_vectors_merge_into_the_plain_model_exactly(family, folder):
+    c = converted(family, folder)
+    ia3 = build(family, c.cfg, Peft(ia3=True))
+    flat = tree.flatten(with_additions(ia3, c.params))
+    rng = np.random.default_rng(0)
+    for k in flat:
+        if "/ia3_" in k:  # away from one, or merging would be trivially right
+            flat[k] = rng.uniform(0.5, 1.5, np.shape(flat[k])).astype(np.float32)
+    params = tree.unflatten(flat)
+    ids = np.array([[5, 6, 7, 8, 9]], np.int32)
+    mask = np.ones_like(ids)
+    merged = methods.ia3.merge(params)
+    assert not any("/ia3_" in k for k in tree.flatten(merged))
+    np.testing.assert_allclose(forward(c.model)(merged, ids, mask), forward(ia3)(params, ids, mask), atol=1e-4)

@@ -287,7 +287,7 @@ def test_ia3_merges_into_a_plain_model(ref, converted):
     rs = np.random.RandomState(1)
     flat = tree.flatten(variables["params"])
     for k in list(flat):
-        if k.endswith("attention/key/kernel"):
+        if k.endswith("/attention/key/kernel"):  # self-attention (cross-attention has no IA3)
             for which in ("key", "value"):
                 flat[k.replace("key/kernel", f"ia3_{which}")] = (1 + 0.3 * rs.randn(cfg.d_model)).astype(np.float32)
     ids = ref["decoder_input_ids"].astype(np.int32)

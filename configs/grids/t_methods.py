@@ -26,12 +26,19 @@ LRS = {
 }
 
 
+# what configs/bert_sst2.py:demo,method=NAME sets besides the method (an override of
+# config.method alone does not): freeze the embeddings and bottom 3 layers; unfreeze one
+# of MiniLM's 8 groups every 1/8 epoch
+METHOD_ARGS = {"freeze": {"method_args.freeze_bottom_k": 3},
+               "gradual_unfreezing": {"method_args.unfreeze_every_epochs": 0.125}}
+
+
 def get_grid(arg=None):
     methods = arg.split("+") if arg else list(LRS)
     return {
         "config": "configs/bert_sst2.py:demo",
         "fixed": {"num_epochs": 1.0},
-        "points": [{"method": m, "optimizer.lr": lr} for m in methods for lr in LRS[m]],
+        "points": [{"method": m, **METHOD_ARGS.get(m, {}), "optimizer.lr": lr} for m in methods for lr in LRS[m]],
         "seeds": (0,),
         "tune": {"over": ("optimizer.lr",), "metric": "accuracy", "split": "dev", "seeds": (1, 2)},
     }

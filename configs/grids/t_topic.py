@@ -9,8 +9,14 @@ that on Rotten Tomatoes).
 """
 
 
+from configs import bert_sst2
+
+METHODS = ("full", "lora", "adapter", "bitfit", "linear_probe")
+
+
 def get_grid(arg=None):
     del arg
+    # the learning rate configs/bbc_news.py:method=NAME would set (an override of config.method does not)
     return {"config": "configs/bbc_news.py",
-            "points": [{"method": m} for m in ("full", "lora", "adapter", "bitfit", "linear_probe")],
+            "points": [{"method": m, "optimizer.lr": bert_sst2.METHOD_LR[m] or 5e-5} for m in METHODS],
             "seeds": (0, 1, 2)}

@@ -11,10 +11,18 @@ and bias only) and full with layer-wise lr decay 0.8, each at its usual learning
 """
 
 
+from configs import effnet_fashion_mnist as effnet
+
+METHODS = ("full", "linear_probe", "freeze", "bitfit", "layernorm")
+
+
 def get_grid(arg=None):
     del arg
-    points = [{"method": m} for m in ("full", "linear_probe", "freeze", "bitfit", "layernorm")]
-    points.append({"method": "full", "method_args.layerwise_lr_decay": 0.8})
+    # what configs/effnet_fashion_mnist.py:demo,method=NAME sets (an override of config.method does
+    # not): the method's learning rate, and freeze's stem + first 8 blocks
+    points = [{"method": m, **({"method_args.freeze_bottom_k": 8} if m == "freeze" else {}),
+               "optimizer.lr": effnet.METHOD_LR[m] or 1e-3} for m in METHODS]
+    points.append({"method": "full", "method_args.layerwise_lr_decay": 0.8, "optimizer.lr": 1e-3})
     return {"config": "configs/effnet_fashion_mnist.py:demo",
             "fixed": {"data.train_limit": 20000, "eval_every_steps": 0},
             "points": points, "seeds": (0, 1, 2)}

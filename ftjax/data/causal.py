@@ -122,7 +122,7 @@ def encode_example(text: ChatText, features: dict[str, str], response: str, max_
                    where: str) -> tuple[list[int], int, bool]:
     """(ids, prompt length, whether the response was cut) of one example; bad input raises."""
     if not response.strip():
-        raise UserError(f"{where}: the response ({where.split(':')[0]} data.response_key) is empty")
+        raise UserError(f"{where}: empty response (data.response_key); fill it in or remove the example")
     prompt = text.encode_prompt(text.prompt_text(features))
     if len(prompt) + 1 > max_length:
         raise UserError(f"{where}: the prompt is {len(prompt)} tokens, longer than the context "

@@ -94,6 +94,12 @@ class TextTokenizer:
         return [(e.ids, e.type_ids) for e in encodings]
 
 
+    def content_ids(self, text: str) -> list[int]:
+        """The ids of `text` alone: no [CLS]/[SEP], BOS or other special tokens (cut at the
+        truncation length of the last `encode`, if any)."""
+        return list(self._backend.encode(text, add_special_tokens=False).ids)
+
+
 def tokenizer_folder(config):
     """The folder of the run's tokenizer files: `config.model.tokenizer` (a folder or
     asset:NAME), else the pretrained model's folder (an epath.Path)."""

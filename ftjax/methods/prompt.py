@@ -54,7 +54,9 @@ def post_load(params: Any, args, tokenizer, seed: int) -> dict:
     elif args.prompt_init == "text":
         if not args.prompt_init_text:
             raise UserError("method_args.prompt_init=text needs method_args.prompt_init_text")
-        tokens = tokenizer.encode([args.prompt_init_text], None, n + 2)[0][0][1:-1]  # drop [CLS]/[SEP]
+        tokens = tokenizer.content_ids(args.prompt_init_text)[:n]  # no [CLS]/[SEP] or BOS
+        if not tokens:
+            raise UserError(f"method_args.prompt_init_text={args.prompt_init_text!r} has no tokens")
         ids = np.resize(np.asarray(tokens, np.int64), n)
     else:
         raise UserError(f"method_args.prompt_init={args.prompt_init!r} is not vocab, text or random")

@@ -131,6 +131,20 @@ class Task:
     def render(self, predictions) -> list:
         raise NotImplementedError
 
+    # Inference from raw inputs (ftjax.inference.Predictor): the default reads inputs by the
+    # family's modality and runs `predict`; a task with its own prompt format (causal_lm)
+    # returns its batch from `raw_batch` and runs `infer` on the batch keys `infer_keys`.
+    infer_keys: ClassVar[tuple[str, ...] | None] = None
+
+    def raw_batch(self, inputs) -> dict | None:
+        """The batch of raw inputs, or None: read them by modality (tokenize / decode)."""
+        del inputs
+        return None
+
+    def infer(self, model, variables, batch):
+        """What Predictor runs on device; the default is `predict`."""
+        return self.predict(model, variables, batch)
+
     @classmethod
     def hf_files(cls, meta: dict) -> dict[str, dict]:
         """What an HF export of this task writes besides the weights: file name -> JSON;

@@ -141,6 +141,7 @@ class CausalLM(Task):
                                        "truncate_tokens": d.truncate_tokens})
         data = causal.CausalLMData(config, text, process_index, process_count)
         data.tokenizer_dir = folder
+        data.tokenizer = tok_lib.load_tokenizer(folder)  # for the methods (prompt_init=text)
         return data
 
     @classmethod
@@ -234,6 +235,30 @@ class CausalLM(Task):
 
     def summary(self):
         return {"generation": self.generation}
+
+    infer_keys = ("prompt_ids", "prompt_mask")
+
+    def raw_batch(self, inputs):
+        """Prompts for generation: each input fills the template's one field (e.g. the article
+        body, truncated like the training data), or is the whole user turn when the template
+        has several fields."""
+        from ftjax.data.causal import pad_prompts
+        from ftjax.data.pipeline import pick_length
+
+        t, prompts = self.text, []
+        for raw in inputs:
+            user = t.prompt_text({t.fields[0]: raw}) if len(t.fields) == 1 else raw
+            ids = t.encode_prompt(user)
+            limit = int(self.data_meta.get("max_length", 0)) or len(ids)
+            if len(ids) >= limit:
+                raise UserError(f"a prompt of {len(ids)} tokens is longer than the context the model was trained "
+                                f"for (data.max_length={limit} with room for a response)")
+            prompts.append(ids)
+        length = pick_length(max(len(p) for p in prompts), [1 << k for k in range(4, 16)])
+        return pad_prompts(prompts, length, len(prompts), t.pad_id)
+
+    def infer(self, model, variables, batch):
+        return {"tokens": self.generate(model, variables, batch["prompt_ids"], batch["prompt_mask"])}
 
     def render(self, predictions):
         return [self.text.decode(t) for t in np.asarray(predictions["tokens"])]

@@ -160,6 +160,9 @@ def _build(family: str, model_config: dict[str, Any], options: EncoderOptions, n
     from ftjax import models
 
     spec = models.family(family)
+    if "causal_lm" in spec.provides:
+        raise UserError(f"the {family} family is a decoder language model: ftjax fine-tunes it with "
+                        "config.task='causal_lm' (prompt -> response), not as a classifier")
     cfg = spec.config(model_config)
     common = {"family": family, "encoder_config": cfg, "num_labels": num_labels, "dropout": options.dropout,
               "dtype": options.dtype, "peft": options.peft}
