@@ -336,6 +336,43 @@ def case_ctranslate2_quantized_int8(files, finished, tmp_path):
     return config, w, [*watched, d], "quantized (int8)"
 
 
+def _prompts(tmp_path, rows=None, **overrides):
+    """A tiny causal_lm run on local_prompts files (tests/test_causal_lm.py's setting)."""
+    from tests import test_causal_lm as t
+
+    d = tmp_path / "lm"
+    d.mkdir()
+    train_file = t.write_rows(d / "train.jsonl", 8, 0)
+    if rows is not None:
+        train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = {"tok": t.write_tokenizer(d / "tok"), "train": train_file, "dev": t.write_rows(d / "dev.jsonl", 4, 1),
+         "root": d}
+    return t._config(s, **overrides), tmp_path / "w", [s["tok"], s["train"], s["dev"]]
+
+
+def case_gguf_of_an_unsupported_architecture(files, finished, tmp_path):
+    from tests import test_gguf
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    test_gguf.write_tiny(folder / "model.gguf", arch="qwen2")
+    config, w, watched = _prompts(tmp_path, **{"model.pretrained": str(folder), "model.family": None,
+                                               "model.variant": None})
+    return config, w, [*watched, folder], "GGUF architecture 'qwen2' is not supported (supported: llama)"
+
+
+def case_prompt_longer_than_the_context(files, finished, tmp_path):
+    long = {"prompt": "say " + " ".join(["red"] * 40), "response": "red"}
+    config, w, watched = _prompts(tmp_path, rows=[long] * 8)
+    return config, w, watched, "longer than the context"
+
+
+def case_empty_response_in_the_data(files, finished, tmp_path):
+    rows = [{"prompt": "say red", "response": "red"}] * 4 + [{"prompt": "say cat", "response": " "}]
+    config, w, watched = _prompts(tmp_path, rows=rows * 2)
+    return config, w, watched, "train.jsonl:5: empty response in column 'response'"
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
 
 

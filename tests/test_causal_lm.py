@@ -68,7 +68,7 @@ def _config(s, **overrides):
             "data.files.train": str(s["train"]), "data.files.dev": str(s["dev"]), "data.test_split": None,
             "data.prompt_template": "{prompt}", "data.response_key": "response", "data.truncate_key": None,
             "data.truncate_tokens": None, "data.max_length": 16, "data.bucket_lengths": (8, 16),
-            "batch_size": 4, "eval_batch_size": 4, "eval_before_training": True, "progress_bar": False,
+            "batch_size": 8, "eval_batch_size": 8, "eval_before_training": True, "progress_bar": False,
             "generation.max_new_tokens": 4, "optimizer.lr": 3e-3, **overrides})
     return c.lock()
 
