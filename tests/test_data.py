@@ -214,7 +214,7 @@ def test_label_out_of_range_names_split_and_example(files, tok, monkeypatch):
                                    split_names={"train": "train", "dev": "validation"},
                                    text_keys=("sentence",), label_key="label",
                                    label_names=["a", "b"], regression=False)
-    monkeypatch.setattr(tfds_sources, "load_sources", lambda config: sources)
+    monkeypatch.setattr(tfds_sources, "load_sources", lambda config, labels=True: sources)
     data = pipeline.TextData(_config(files), tok)
     with pytest.raises(UserError, match=r"split 'validation': example 11 has label 2, outside \[0, 2\)"):
         list(data.eval_batches("dev"))

@@ -219,7 +219,7 @@ class CausalLM(Task):
         return METRICS
 
     def export_meta(self):
-        return {**self.data_meta, "generation": self.generation}
+        return {"task": self.name, **self.data_meta, "generation": self.generation}
 
     @classmethod
     def hf_files(cls, meta):
