@@ -180,7 +180,8 @@ def test_predict_cli_generates_and_hf_export_is_a_llama_lm(trained, tmp_path):
     folder = export.export_hf(str(work), str(tmp_path / "hf"))
     config = json.loads((folder / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
-    assert json.loads((folder / "generation_config.json").read_text())["max_new_tokens"] == 4
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["max_new_tokens"] == 4 and generation["eos_token_id"] == 2  # "<end>"
     tensors = load_file(str(folder / "model.safetensors"))
     assert "model.layers.0.self_attn.q_proj.weight" in tensors and not any("lora" in k for k in tensors)
     assert (folder / "tokenizer.json").is_file()

@@ -219,13 +219,17 @@ class CausalLM(Task):
         return METRICS
 
     def export_meta(self):
-        return {"task": self.name, **self.data_meta, "generation": self.generation}
+        return {"task": self.name, **self.data_meta, "generation": self.generation,
+                "eos_token_id": self.text.eos_id, "pad_token_id": self.text.pad_id}
 
     @classmethod
     def hf_files(cls, meta):
         g = meta.get("generation", {})
         gen = {"max_new_tokens": g.get("max_new_tokens"), "num_beams": g.get("beams", 1),
-               "do_sample": g.get("temperature", 0) > 0}
+               "do_sample": g.get("temperature", 0) > 0, "length_penalty": g.get("length_penalty", 1.0)}
+        for key in ("eos_token_id", "pad_token_id"):  # generation stops where ftjax's does
+            if meta.get(key) is not None:
+                gen[key] = meta[key]
         if gen["do_sample"]:
             gen.update(temperature=g["temperature"], top_p=g["top_p"])
         return {"generation_config.json": gen}
