@@ -185,3 +185,17 @@ def test_predict_cli_generates_and_hf_export_is_a_llama_lm(trained, tmp_path):
     tensors = load_file(str(folder / "model.safetensors"))
     assert "model.layers.0.self_attn.q_proj.weight" in tensors and not any("lora" in k for k in tensors)
     assert (folder / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("method, extra", [("prefix", {"method_args.prefix_tokens": 3}),
+                                           ("ia3", {})])
+def test_other_methods_train_generate_and_export(setting, tmp_path, method, extra):
+    from ftjax.inference import Predictor
+
+    config = _config(setting, **{"method": method, "total_steps": 2, "eval_every_steps": 2,
+                                 "checkpoint_every_steps": 2, "eval_before_training": False, **extra})
+    summary = train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert summary["method"] == method and 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["dev"]["num_examples"] == 4 and summary["dev"]["gen_tokens"] > 0
+    out = Predictor(str(tmp_path / "w"))(["say red"])  # prefixes decode through the KV cache
+    assert len(out) == 1 and isinstance(out[0], str)
