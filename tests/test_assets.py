@@ -80,8 +80,8 @@ def test_unknown_asset_is_one_line():
     with pytest.raises(assets.AssetError) as e:
         assets.fetch("no_such_asset")
     assert "\n" not in str(e.value)
-    known = ("known assets: efficientnet_lite0, fashion_mnist, minilm, minilm_l3, mpnet_base, rotten_tomatoes, "
-             "whisper_base, whisper_tiny_en")
+    known = ("known assets: bbc_news, efficientnet_lite0, fashion_mnist, minilm, minilm_l3, mpnet_base, "
+             "rotten_tomatoes, smollm2_135m_instruct, whisper_base, whisper_tiny_en")
     assert known in str(e.value)
 
 

@@ -359,7 +359,7 @@ def test_extra_eval_roles_and_catalog_style_records(files, monkeypatch):
                                    split_names={"train": "train", "dev": "dev", "dev_control": "dev_control"},
                                    text_keys=("sentence",), label_key="", label_names=[], regression=False,
                                    audio_key="voice", sample_rate=48000)
-    monkeypatch.setattr(tfds_sources, "load_sources", lambda config: sources)
+    monkeypatch.setattr(tfds_sources, "load_sources", lambda config, labels=True: sources)
     data = speech.SpeechData(speech_config(files), tokenize)
     assert data.eval_splits == ["dev", "dev_control"] and data.num_examples("dev_control") == 3
     batch = next(iter(data.eval_batches("dev_control")))
