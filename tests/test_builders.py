@@ -207,3 +207,45 @@ def test_unknown_or_offline_catalog_dataset_is_a_user_error(tmp_path, monkeypatc
     monkeypatch.setattr(tfds_sources, "catalog_builder", lambda name, data_dir: Offline())
     with pytest.raises(UserError, match="could not be downloaded.*data.name=local_text"):
         tfds_sources._prepare_catalog("glue/sst2", str(tmp_path))
+
+
+def _bbc_corpus(root):
+    from ftjax.data.builders import bbc_news
+
+    for i, folder in enumerate(bbc_news.FOLDERS):
+        os.makedirs(root / folder)
+        for j in range(1, 21):
+            text = f"Headline {folder} {j}\n\nBody of article {j} in {folder}, line one.\nLine two £5."
+            raw = text.encode("latin-1" if (i, j) == (3, 7) else "utf-8")  # one Latin-1 file, as the corpus has
+            (root / folder / f"{j:03d}.txt").write_bytes(raw)
+    return root
+
+
+def test_bbc_news_stratified_split_and_encodings(tmp_path):
+    from ftjax.data.builders import bbc_news
+
+    rows = bbc_news.read_articles(str(_bbc_corpus(tmp_path / "c")))
+    assert len(rows) == 100 and rows[0]["id"] == "business/001"
+    sport = next(r for r in rows if r["id"] == "sports/007")
+    assert sport["label"] == "sport" and sport["body"].endswith("Line two £5.")  # decoded as Latin-1
+    assert sport["headline"] == "Headline sports 7" and sport["text"].startswith("Headline sports 7\n\nBody")
+    splits = bbc_news.split_ids(rows, 0, 0.1, 0.1)
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [80, 10, 10]
+    for label in bbc_news.LABEL_NAMES:  # 2 dev and 2 test articles of every topic
+        of = {r["id"] for r in rows if r["label"] == label}
+        assert len(of & splits["dev"]) == 2 and len(of & splits["test"]) == 2
+    assert set().union(*splits.values()) == {r["id"] for r in rows}
+    assert splits == bbc_news.split_ids(rows, 0, 0.1, 0.1) and splits != bbc_news.split_ids(rows, 1, 0.1, 0.1)
+    (tmp_path / "c" / "tech" / "021.txt").write_text("only a headline")
+    with pytest.raises(UserError, match=r"tech/021.txt: an article needs a headline line and a body"):
+        bbc_news.read_articles(str(tmp_path / "c"))
+
+
+def test_bbc_news_asset_split(tmp_path):
+    from ftjax.data.builders import bbc_news
+
+    folder = require_asset("bbc_news")
+    builder = builders.prepare(lambda: bbc_news.make_builder(folder, str(tmp_path)), str(tmp_path))
+    sizes = {s: len(builder.as_data_source(s)) for s in ("train", "dev", "test")}
+    assert sizes == {"train": 1781, "dev": 221, "test": 223}
+    assert builder.info.features["label"].names == ["business", "entertainment", "politics", "sport", "tech"]

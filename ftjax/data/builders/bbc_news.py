@@ -9,7 +9,7 @@ UTF-8 and, only where that fails, as Latin-1.
 There is no official split. Each label's sorted file list is shuffled with
 `random.Random(f"{seed}:{label}")` and cut into dev (the first floor(0.1 n)), test (the
 next floor(0.2 n) - floor(0.1 n)) and train (the rest): an 80/10/10 split that keeps the
-label proportions in every split (seed 0: train 1,783 / dev 220 / test 222).
+label proportions in every split (seed 0: train 1,781 / dev 221 / test 223).
 
 Features: `text` (headline, blank line, body: the whole article, for topic
 classification), `headline`, `body` (for headline generation), `label`, `id`
