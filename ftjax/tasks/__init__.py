@@ -73,6 +73,22 @@ TASKS = {
 }
 
 
+def token_losses(logits, labels):
+    """Per-token cross-entropy (float32) of sequence logits [B, T, V] against int labels [B, T]."""
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def masked_token_loss(logits, batch: dict):
+    """A sequence task's train loss: the mean token cross-entropy over `label_mask`, and its
+    token accuracy (the decoders of speech_recognition and causal_lm)."""
+    weights = batch["label_mask"].astype(jnp.float32)
+    hits = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    n = jnp.maximum(weights.sum(), 1.0)
+    return (token_losses(logits, batch["labels"]) * weights).sum() / n, {"token_accuracy": (hits * weights).sum() / n}
+
+
 def apply(model, variables, batch: dict, *, train: bool, rng=None, mutable=False):
     """Calls `model` on the batch keys it takes (`model.input_keys`, in order)."""
     rngs = {"dropout": rng} if train else {}

@@ -19,9 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from ftjax import decoding
+from ftjax import decoding, tasks
 from ftjax.errors import UserError
 from ftjax.tasks import Task
 
@@ -178,11 +177,7 @@ class CausalLM(Task):
         return CausalLMModel(family_name, cfg, options)
 
     def loss(self, logits, batch):
-        weights = batch["label_mask"].astype(jnp.float32)
-        token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
-        hits = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-        n = jnp.maximum(weights.sum(), 1.0)
-        return (token_loss * weights).sum() / n, {"token_accuracy": (hits * weights).sum() / n}
+        return tasks.masked_token_loss(logits, batch)
 
     def generate(self, model, variables, prompt_ids, prompt_mask, rng=None):
         """Tokens generated after each left-padded prompt: int32 [B, max_new_tokens]."""
@@ -207,7 +202,7 @@ class CausalLM(Task):
         """{"tokens": int32 [B, max_new_tokens], "nll": float32 [B], "count": float32 [B]}."""
         logits = model.apply(variables, batch["input_ids"], batch["attention_mask"], train=False)
         weights = batch["label_mask"].astype(jnp.float32)
-        token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+        token_loss = tasks.token_losses(logits, batch["labels"])
         tokens = self.generate(model, variables, batch["prompt_ids"], batch["prompt_mask"])
         return {"tokens": tokens, "nll": (token_loss * weights).sum(-1), "count": weights.sum(-1)}
 

@@ -22,9 +22,8 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from ftjax import decoding
+from ftjax import decoding, tasks
 from ftjax.errors import UserError
 from ftjax.tasks import Task
 
@@ -212,11 +211,7 @@ class SpeechRecognition(Task):
         return SpeechSeq2SeqModel(family_name, cfg, options)
 
     def loss(self, logits, batch):
-        weights = batch["label_mask"].astype(jnp.float32)
-        token_loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
-        hits = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-        n = jnp.maximum(weights.sum(), 1.0)
-        return (token_loss * weights).sum() / n, {"token_accuracy": (hits * weights).sum() / n}
+        return tasks.masked_token_loss(logits, batch)
 
     def predict(self, model, variables, batch):
         """Transcribes on device: {"tokens": int32 [B, generation.max_new_tokens]}."""
