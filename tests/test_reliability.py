@@ -127,6 +127,7 @@ def _fill_before_saving(monkeypatch, disk: pathlib.Path, step: int) -> pathlib.P
 
     def fill_then_save(self, s, state, **kw):
         if s == step:
+            self.wait()  # the earlier saves (best/3 in the background) land first: the full disk hits `step`
             with open(ballast, "wb") as f:
                 try:
                     while True:
