@@ -75,7 +75,10 @@ def test_dropout_only_in_training_and_bf16(classifier_outputs):
     _, (eval1, train1, half), (eval2, train2, _) = classifier_outputs
     np.testing.assert_array_equal(eval1, eval2)
     assert not np.allclose(train1, eval1) and not np.allclose(train1, train2)
-    assert half.dtype == jnp.float32 and np.allclose(half, eval1, atol=5e-2)
+    # bfloat16 keeps ~3 significant digits: within 5% of the logits' scale (the tiny random
+    # model's logits reach ~3.7; a float32-only path would be exact)
+    assert half.dtype == jnp.float32 and np.abs(half - eval1).max() < 0.05 * np.abs(eval1).max()
+    assert not np.array_equal(half, eval1)
 
 
 def test_padding_does_not_change_real_tokens(ref):

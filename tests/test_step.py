@@ -8,6 +8,7 @@ import numpy as np
 from configs import common
 from ftjax import optim
 from ftjax import step as step_lib
+from ftjax.models import layers
 from ftjax.tasks import classification, regression
 
 TASK = classification.Classification(3, ["a", "b", "c"])
@@ -24,7 +25,7 @@ class ToyClassifier(nn.Module):
         x = nn.Embed(50, 16)(input_ids) + nn.Embed(2, 16)(token_type_ids)
         m = attention_mask[..., None].astype(x.dtype)
         x = (x * m).sum(1) / m.sum(1)
-        x = nn.Dropout(self.dropout, deterministic=not train)(nn.tanh(nn.Dense(16)(x)))
+        x = layers.Dropout(self.dropout, deterministic=not train)(nn.tanh(nn.Dense(16)(x)))
         return nn.Dense(3, name="head")(x)
 
 
@@ -82,6 +83,8 @@ def test_dropout_rng_depends_on_the_step_and_is_reproducible():
     no_dropout, _ = _losses(jax.devices(), dropout=0.0)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, no_dropout)
+    one, _ = _losses(jax.devices()[:1], dropout=0.5)  # the masks do not depend on the sharding
+    np.testing.assert_allclose(one, a, atol=1e-5)
 
 
 def test_eval_step_returns_sharded_logits_for_every_row():

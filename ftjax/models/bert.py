@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
 from ftjax.models.layers import (
-    ACTIVATIONS,
+    ACTIVATIONS, Dropout,
     Adapter,
     Peft,
     PrefixEncoder,
@@ -112,7 +112,7 @@ def post_attention(layer: Block, x, attn, *, train: bool, attention_residual_dro
       The layer output [B, L, H].
     """
     cfg, peft, dtype = layer.config, layer.peft, layer.dtype
-    drop = nn.Dropout(layer.dropout, deterministic=not train)
+    drop = Dropout(layer.dropout, deterministic=not train)
     if peft.adapter == "houlsby":
         attn = Adapter(peft.adapter_size, peft.adapter_init_std, dtype, name="attention_adapter")(attn)
     x = layer_norm(cfg, "attention_LayerNorm", dtype)(x + (drop(attn) if attention_residual_dropout else attn))
@@ -167,7 +167,7 @@ class Embeddings(nn.Module):
         if token_type_ids is not None:
             x = x + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids)
         x = layer_norm(cfg, "LayerNorm", self.dtype)(x)
-        return nn.Dropout(self.dropout, deterministic=not train)(x)
+        return Dropout(self.dropout, deterministic=not train)(x)
 
 
 class Encoder(Block):
@@ -245,7 +245,7 @@ def encode(model: TextEncoder, x, attention_mask, encoder: nn.Module, *, train: 
     x = encoder(x, bias(attention_mask), train=train)[:, peft.prompt_tokens:]
     first = x[:, 0]
     if pooler_dropout is not None:
-        first = nn.Dropout(pooler_dropout, deterministic=not train)(first)
+        first = Dropout(pooler_dropout, deterministic=not train)(first)
     return x, activation(normal_dense(cfg, cfg.hidden_size, "pooler", model.dtype, peft)(first, train=train))
 
 

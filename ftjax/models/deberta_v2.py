@@ -39,7 +39,7 @@ from ftjax.errors import UserError
 from ftjax.models import bert
 from ftjax.models.family import FamilySpec
 from ftjax.models.layers import (
-    ACTIVATIONS,
+    ACTIVATIONS, Dropout,
     Peft,
     PrefixEncoder,
     check_heads,
@@ -294,7 +294,7 @@ class DisentangledSelfAttention(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / scale
         if cfg.relative_attention:
             span = cfg.att_span
-            rel = nn.Dropout(self.position_dropout, deterministic=not train)(rel_table)
+            rel = Dropout(self.position_dropout, deterministic=not train)(rel_table)
             if "c2p" in cfg.pos_att_type:
                 pos_k = keys(rel) if cfg.share_att_key else normal_dense(cfg, cfg.hidden_size, "pos_key", self.dtype,
                                                                      peft)(rel, train=train)
@@ -324,7 +324,7 @@ class DisentangledSelfAttention(nn.Module):
             if bias is not None:
                 bias = jnp.concatenate([jnp.zeros((*bias.shape[:-1], pk.shape[1]), bias.dtype), bias], -1)
         probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
-        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
+        probs = Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
         return normal_dense(cfg, cfg.hidden_size, "out", self.dtype, peft)(ctx, train=train)
 
@@ -362,7 +362,7 @@ class Embeddings(nn.Module):
             x = x + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids)
         x = layer_norm(cfg, "LayerNorm", self.dtype)(x)
         x = x * attention_mask[..., None].astype(x.dtype)  # padding enters the encoder as zeros, as in HF
-        return nn.Dropout(self.dropout, deterministic=not train)(x)
+        return Dropout(self.dropout, deterministic=not train)(x)
 
 
 class Encoder(bert.Block):

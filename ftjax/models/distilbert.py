@@ -34,7 +34,7 @@ import numpy as np
 from ftjax.errors import UserError
 from ftjax.models import bert
 from ftjax.models.family import FamilySpec
-from ftjax.models.layers import ACTIVATIONS, check_heads, config_from_hf
+from ftjax.models.layers import ACTIVATIONS, Dropout, check_heads, config_from_hf
 from ftjax.models.layout import bert_layout
 
 # DistilBERT fixes every LayerNorm epsilon in code; config.json has no field for it.
@@ -160,7 +160,7 @@ class Embeddings(nn.Module):
                              embedding_init=position_init, dtype=self.dtype, param_dtype=jnp.float32)
         x = words(input_ids) + positions(jnp.arange(input_ids.shape[-1])[None])
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="LayerNorm", dtype=self.dtype, param_dtype=jnp.float32)(x)
-        return nn.Dropout(self.dropout, deterministic=not train)(x)
+        return Dropout(self.dropout, deterministic=not train)(x)
 
 
 class DistilBertModel(bert.TextEncoder):

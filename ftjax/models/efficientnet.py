@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec
-from ftjax.models.layers import Peft
+from ftjax.models.layers import Dropout, Peft
 from ftjax.models.layout import Layout
 
 # Stages of EfficientNet-B0 / Lite0: (repeats, kernel, stride, expand ratio, output channels).
@@ -282,7 +282,7 @@ class MBConv(nn.Module):
         h = bn("bn2")(_conv(self.features, 1, 1, "project_conv", self.dtype)(h))
         if self.stride == 1 and x.shape[-1] == self.features:
             # Drop connect: drop the whole residual branch per example (stochastic depth).
-            h = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(h)
+            h = Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(h)
             h = h + x
         return h
 

@@ -20,13 +20,12 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ftjax.errors import UserError
 from ftjax.models import bert
 from ftjax.models.family import FamilySpec
-from ftjax.models.layers import normal_dense
+from ftjax.models.layers import gelu, normal_dense
 from ftjax.models.layout import Layout
 
 # vocab >= 40 so the test tokenizer's ids fit; embedding_size != hidden_size so the
@@ -110,7 +109,7 @@ class ElectraModel(bert.TextEncoder):
         head_dropout = dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
         return bert.encode(self, x, attention_mask, encoder, train=train,
                            project=project if cfg.embedding_size != cfg.hidden_size else None,
-                           pooler_dropout=head_dropout, activation=lambda h: jax.nn.gelu(h, approximate=False))
+                           pooler_dropout=head_dropout, activation=gelu)
 
 
 FAMILY = FamilySpec(

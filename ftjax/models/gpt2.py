@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec
 from ftjax.models.layers import (
-    ACTIVATIONS,
+    ACTIVATIONS, Dropout,
     Adapter,
     Dense,
     Peft,
@@ -136,7 +136,7 @@ class GPT2Attention(nn.Module):
         if peft.ia3:
             self.ia3_key = self.param("ia3_key", nn.initializers.ones, (cfg.n_embd,), jnp.float32)
             self.ia3_value = self.param("ia3_value", nn.initializers.ones, (cfg.n_embd,), jnp.float32)
-        self.drop = nn.Dropout(cfg.attn_pdrop)
+        self.drop = Dropout(cfg.attn_pdrop)
 
     def __call__(self, x, positions, bias, *, train: bool = False, prefix=None, cache=None, slot=None):
         del positions  # learned positions were added to the inputs
@@ -189,7 +189,7 @@ class GPT2Block(nn.Module):
             self.attention_adapter = Adapter(peft.adapter_size, peft.adapter_init_std, dtype)
         if peft.adapter in ("houlsby", "pfeiffer"):
             self.mlp_adapter = Adapter(peft.adapter_size, peft.adapter_init_std, dtype)
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
 
     def __call__(self, x, positions, bias, *, train: bool = False, prefix=None, cache=None, slot=None):
         h, cache = self.attn(self.ln_1(x), positions, bias, train=train, prefix=prefix, cache=cache, slot=slot)
@@ -231,7 +231,7 @@ class GPT2(DecoderLM):
                                    embedding_init=init)
         self.word_embeddings, self.position_embeddings = embed(cfg.vocab_size), embed(cfg.n_positions)
         hidden = cfg.resid_pdrop if self.dropout_override is None else self.dropout_override
-        self.drop = nn.Dropout(cfg.embd_pdrop if self.dropout_override is None else self.dropout_override)
+        self.drop = Dropout(cfg.embd_pdrop if self.dropout_override is None else self.dropout_override)
         self.layers = [GPT2Block(cfg, i, hidden, dtype, peft, name=f"layer_{i}") for i in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg, dtype)
         if not cfg.tie_word_embeddings:

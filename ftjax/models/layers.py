@@ -15,12 +15,25 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ftjax.errors import UserError
 
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact (erf) GELU, x * (1 + erf(x / sqrt 2)) / 2, as torch computes it.
+
+    jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU evaluates ~3.5x
+    slower than erf; the two agree within 1e-6. Half-precision inputs are computed in
+    float32 (1 + erf cancels for negative x) and the result cast back.
+    """
+    f = x.astype(jnp.float32)
+    return (0.5 * f * (1.0 + jax.lax.erf(f * np.float32(1.0 / math.sqrt(2.0))))).astype(x.dtype)
+
+
 # config.json "hidden_act" names -> functions, for every family that reads one.
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
@@ -28,6 +41,72 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
+
+
+# Dropout keeps an element where 16 random bits fall under round(keep * 2**16).
+KEEP_BITS = 16
+
+
+def keep_mask(rng: jax.Array, keep: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
+    """A boolean keep mask of `shape` and the scale that preserves the mean.
+
+    Each element keeps with probability t / 2**16, t = round(keep * 2**16) (within
+    7.7e-6 of `keep`); the scale is 2**16 / t, so the expectation of mask * scale * x
+    is x exactly. Every threefry draw yields 32 bits, split into two 16-bit halves:
+    one draw per two elements instead of one per element as in a float uniform
+    (jax.random.bernoulli), which makes the masks ~3x cheaper on CPU.
+
+    Args:
+      rng: a PRNG key.
+      keep: the keep probability, in (0, 1).
+      shape: the mask's shape (the batch dimension first, so it shards like the data).
+
+    Returns:
+      (mask, scale).
+    """
+    levels = 1 << KEEP_BITS
+    t = min(max(round(keep * levels), 1), levels - 1)
+    if not shape:
+        return jax.random.bits(rng, (), jnp.uint16) < t, levels / t
+    last = shape[-1]
+    words = jax.random.bits(rng, (*shape[:-1], (last + 1) // 2), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., ceil(last / 2), 2]
+    halves = halves.reshape(*shape[:-1], 2 * ((last + 1) // 2))[..., :last]
+    return halves < t, levels / t
+
+
+class Dropout(nn.Module):
+    """Inverted dropout with 16-bit keep masks (`keep_mask`); nn.Dropout's interface.
+
+    The class shares nn.Dropout's name, so auto-named instances ("Dropout_0") and
+    their `make_rng` streams are those nn.Dropout had.
+
+    Attributes:
+      rate: the drop probability.
+      broadcast_dims: dimensions sharing one mask value (e.g. (1, 2, 3): per example).
+      deterministic: no dropout when True (may be given at call time instead).
+      rng_collection: the rng stream.
+    """
+
+    rate: float
+    broadcast_dims: tuple[int, ...] = ()
+    deterministic: bool | None = None
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None, rng: jax.Array | None = None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        if rng is None:
+            rng = self.make_rng(self.rng_collection)
+        shape = tuple(1 if d in self.broadcast_dims or d - inputs.ndim in self.broadcast_dims else n
+                      for d, n in enumerate(inputs.shape))
+        mask, scale = keep_mask(rng, 1.0 - self.rate, shape)
+        return jax.lax.select(jnp.broadcast_to(mask, inputs.shape), inputs * jnp.asarray(scale, inputs.dtype),
+                              jnp.zeros_like(inputs))
 
 
 def check_heads(hidden: int, heads: int, hidden_name: str = "hidden_size",
@@ -130,7 +209,7 @@ class Dense(nn.Module):
         if p.lora_rank and re.fullmatch(p.lora_targets, "/".join(self.path)):
             a = self.param("lora_a", nn.initializers.kaiming_uniform(), (x.shape[-1], p.lora_rank), jnp.float32)
             b = self.param("lora_b", nn.initializers.zeros, (p.lora_rank, self.features), jnp.float32)
-            h = nn.Dropout(p.lora_dropout, deterministic=not train)(x)
+            h = Dropout(p.lora_dropout, deterministic=not train)(x)
             y = y + (h @ a.astype(self.dtype)) @ b.astype(self.dtype) * (p.lora_alpha / p.lora_rank)
         return y
 
@@ -163,7 +242,7 @@ class Adapter(nn.Module):
         h = nn.Dense(self.size, name="down", kernel_init=init, dtype=self.dtype, param_dtype=jnp.float32)(x)
         h = nn.Dense(x.shape[-1], name="up", kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      param_dtype=jnp.float32)(
-            nn.gelu(h, approximate=False))
+            gelu(h))
         return x + h
 
 
@@ -209,7 +288,7 @@ class SelfAttention(nn.Module):
         q, k, v = split(q), split(k), split(v)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(width)
         probs = jax.nn.softmax(scores if bias is None else scores + bias, axis=-1)
-        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
+        probs = Dropout(self.attention_dropout, deterministic=not train)(probs).astype(self.dtype)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
         return dense(self.output_name)(ctx, train=train)
 

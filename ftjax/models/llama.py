@@ -54,7 +54,7 @@ import numpy as np
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
 from ftjax.models.layers import (
-    ACTIVATIONS,
+    ACTIVATIONS, Dropout,
     Adapter,
     Peft,
     PrefixEncoder,
@@ -434,7 +434,7 @@ class Linear(nn.Module):
         if p.lora_rank and re.fullmatch(p.lora_targets, "/".join(self.path)):
             a = self.param("lora_a", nn.initializers.kaiming_uniform(), (x.shape[-1], p.lora_rank), jnp.float32)
             b = self.param("lora_b", nn.initializers.zeros, (p.lora_rank, self.features), jnp.float32)
-            h = nn.Dropout(p.lora_dropout, deterministic=not train)(x)
+            h = Dropout(p.lora_dropout, deterministic=not train)(x)
             y = y + (h @ a.astype(self.dtype)) @ b.astype(self.dtype) * (p.lora_alpha / p.lora_rank)
         return y
 
@@ -475,7 +475,7 @@ class LlamaAttention(nn.Module):
         if peft.ia3:
             self.ia3_key = self.param("ia3_key", nn.initializers.ones, (kv * d,), jnp.float32)
             self.ia3_value = self.param("ia3_value", nn.initializers.ones, (kv * d,), jnp.float32)
-        self.drop = nn.Dropout(cfg.attention_dropout)
+        self.drop = Dropout(cfg.attention_dropout)
 
     def __call__(self, x, positions, bias, *, train: bool = False, prefix=None, cache=None, slot=None):
         cfg = self.config
@@ -527,7 +527,7 @@ class LlamaLayer(nn.Module):
             self.attention_adapter = Adapter(peft.adapter_size, peft.adapter_init_std, dtype)
         if peft.adapter in ("houlsby", "pfeiffer"):
             self.mlp_adapter = Adapter(peft.adapter_size, peft.adapter_init_std, dtype)
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
 
     def __call__(self, x, positions, bias, *, train: bool = False, prefix=None, cache=None, slot=None):
         h, cache = self.self_attn(self.input_layernorm(x), positions, bias, train=train, prefix=prefix, cache=cache,

@@ -30,7 +30,7 @@ import numpy as np
 
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec
-from ftjax.models.layers import ACTIVATIONS, Adapter, Dense, Peft, PrefixEncoder, SelfAttention, config_from_hf
+from ftjax.models.layers import ACTIVATIONS, Adapter, Dense, Dropout, Peft, PrefixEncoder, SelfAttention, config_from_hf
 from ftjax.models.layout import Layout
 
 TINY_VIT = {
@@ -152,7 +152,7 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool, prefix=None):
         cfg, peft = self.config, self.peft
-        drop = nn.Dropout(self.dropout, deterministic=not train)
+        drop = Dropout(self.dropout, deterministic=not train)
         h = _layer_norm(cfg, "layernorm_before", self.dtype)(x)
         h = SelfAttention(cfg, cfg.attention_probs_dropout_prob, self.dtype, peft, name="attention",
                           kernel_init=nn.initializers.truncated_normal(cfg.initializer_range),
@@ -206,7 +206,7 @@ class Embeddings(nn.Module):
                          jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, cfg.hidden_size)), x], 1)
         x = x + pos.astype(x.dtype)
-        return nn.Dropout(self.dropout, deterministic=not train)(x)
+        return Dropout(self.dropout, deterministic=not train)(x)
 
 
 class Encoder(nn.Module):

@@ -46,7 +46,7 @@ import numpy as np
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec, HFExport
 from ftjax.models.layers import (
-    ACTIVATIONS,
+    ACTIVATIONS, Dropout,
     Adapter,
     Dense,
     Peft,
@@ -177,7 +177,7 @@ class Attention(nn.Module):
         if self.ia3:
             self.ia3_key = self.param("ia3_key", nn.initializers.ones, (self.features,), jnp.float32)
             self.ia3_value = self.param("ia3_value", nn.initializers.ones, (self.features,), jnp.float32)
-        self.drop = nn.Dropout(self.attention_dropout)
+        self.drop = Dropout(self.attention_dropout)
 
     def _split(self, t):
         return t.reshape(*t.shape[:-1], self.heads, self.features // self.heads)
@@ -215,7 +215,7 @@ class Mlp(nn.Module):
     def __call__(self, x, *, train: bool = False):
         init = nn.initializers.normal(self.init_std)
         h = Dense(self.ffn, kernel_init=init, dtype=self.dtype, peft=self.peft, name="fc1")(x, train=train)
-        h = nn.Dropout(self.activation_dropout, deterministic=not train)(ACTIVATIONS[self.activation](h))
+        h = Dropout(self.activation_dropout, deterministic=not train)(ACTIVATIONS[self.activation](h))
         return Dense(self.features, kernel_init=init, dtype=self.dtype, peft=self.peft, name="fc2")(h, train=train)
 
 
@@ -254,7 +254,7 @@ class Layer(nn.Module):
             self.attention_adapter = Adapter(peft.adapter_size, peft.adapter_init_std, dtype)
         if peft.adapter in ("houlsby", "pfeiffer"):
             self.mlp_adapter = Adapter(peft.adapter_size, peft.adapter_init_std, dtype)
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
 
     def cross_kv(self, encoder_out):
         """The cross-attention keys/values of the encoder output (two [B, P, H, Dh])."""
@@ -330,7 +330,7 @@ class Encoder(nn.Module):
         x = jnp.swapaxes(input_features, 1, 2).astype(self.dtype)  # [B, frames, n_mels]
         x = gelu(conv("conv2", 2)(gelu(conv("conv1", 1)(x))))
         x = x + self._positions()[:positions].astype(self.dtype)
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = Dropout(self.dropout, deterministic=not train)(x)
         for i in range(cfg.encoder_layers):
             x, _ = Layer(cfg, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, self.dropout, False, self.dtype,
                          self.peft, name=f"layer_{i}")(x, None, train=train)
@@ -354,7 +354,7 @@ class Decoder(nn.Module):
         self.layers = [Layer(cfg, cfg.decoder_attention_heads, cfg.decoder_ffn_dim, self.dropout, True, self.dtype,
                              self.peft, name=f"layer_{i}") for i in range(cfg.decoder_layers)]
         self.LayerNorm = _layer_norm(self.dtype)
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
 
     def _embed(self, ids, start, train: bool):
         cfg = self.config

@@ -20,7 +20,7 @@ import optax
 from ftjax import evaluators
 from ftjax.errors import UserError
 from ftjax.models import EncoderOptions, FamilySpec
-from ftjax.models.layers import Peft
+from ftjax.models.layers import Dropout, Peft
 from ftjax.tasks import Task
 
 POOLINGS = ("pooler", "cls", "mean")
@@ -65,17 +65,28 @@ class SequenceClassifier(nn.Module):
         return [jnp.ones((1, 8), jnp.int32) for _ in self.input_keys]
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
-        """Returns float32 logits [B, num_labels]."""
-        encoder = _encoder(self.family, self.encoder_config,
-                           EncoderOptions(dtype=self.dtype, peft=self.peft, dropout=self.dropout))
-        seq, pooled = encoder(input_ids, attention_mask, token_type_ids, train=train)
-        if self.pooling == "cls":
-            pooled = seq[:, 0]
-        elif self.pooling == "mean":
-            m = attention_mask[..., None].astype(seq.dtype)
-            pooled = (seq * m).sum(1) / jnp.maximum(m.sum(1), 1)
-        x = nn.Dropout(self.head_dropout, deterministic=not train)(pooled)
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False,
+                 features=None, head: bool = True):
+        """Returns float32 logits [B, num_labels].
+
+        The halves apart (cached features, ftjax/feature_cache.py): `head=False` returns the
+        head's input, the pooled vector [B, H], instead; `features` (such vectors) skips the
+        encoder and runs the head alone (the token inputs are then unused: pass None).
+        """
+        if features is None:
+            encoder = _encoder(self.family, self.encoder_config,
+                               EncoderOptions(dtype=self.dtype, peft=self.peft, dropout=self.dropout))
+            seq, pooled = encoder(input_ids, attention_mask, token_type_ids, train=train)
+            if self.pooling == "cls":
+                pooled = seq[:, 0]
+            elif self.pooling == "mean":
+                m = attention_mask[..., None].astype(seq.dtype)
+                pooled = (seq * m).sum(1) / jnp.maximum(m.sum(1), 1)
+            if not head:
+                return pooled
+        else:
+            pooled = features
+        x = Dropout(self.head_dropout, deterministic=not train)(pooled)
         logits = nn.Dense(self.num_labels, name="head", dtype=self.dtype, param_dtype=jnp.float32,
                           kernel_init=nn.initializers.normal(self.initializer_range))(x)
         return logits.astype(jnp.float32)
@@ -115,12 +126,19 @@ class ImageClassifier(nn.Module):
         return [jnp.zeros((1, size, size, 3), jnp.float32)]
 
     @nn.compact
-    def __call__(self, image, *, train: bool = False):
-        """image: float32 NHWC, normalised. Returns float32 logits [B, num_labels]."""
-        options = EncoderOptions(dtype=self.dtype, peft=self.peft, dropout=self.dropout,
-                                 update_batch_stats=self.update_batch_stats, image_size=self.image_size)
-        features = _encoder(self.family, self.encoder_config, options)(image, train=train)
-        x = nn.Dropout(self.head_dropout, deterministic=not train)(features)
+    def __call__(self, image, *, train: bool = False, features=None, head: bool = True):
+        """image: float32 NHWC, normalised. Returns float32 logits [B, num_labels].
+
+        `head=False` returns the head's input (the encoder's feature vector) instead;
+        `features` skips the encoder and runs the head alone (`image` unused: pass None).
+        """
+        if features is None:
+            options = EncoderOptions(dtype=self.dtype, peft=self.peft, dropout=self.dropout,
+                                     update_batch_stats=self.update_batch_stats, image_size=self.image_size)
+            features = _encoder(self.family, self.encoder_config, options)(image, train=train)
+            if not head:
+                return features
+        x = Dropout(self.head_dropout, deterministic=not train)(features)
         logits = nn.Dense(self.num_labels, name="head", dtype=self.dtype, param_dtype=jnp.float32,
                           kernel_init=nn.initializers.zeros)(x)
         return logits.astype(jnp.float32)
@@ -206,6 +224,7 @@ class Classification(Task):
 
     name = "classification"
     eval_keys = ("label",)
+    caches_features = True
 
     def __init__(self, num_labels: int, label_names: list[str], pooling: str = "pooler",
                  head_dropout: float | None = None):
@@ -238,6 +257,17 @@ class Classification(Task):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return loss.mean(), {"accuracy": correct.mean()}
+
+    def features(self, model, variables, batch):
+        """The head's input of every row (the pooled vector), float32, in eval mode."""
+        inputs = (batch[k] for k in model.input_keys)
+        return model.apply(variables, *inputs, train=False, head=False).astype(jnp.float32)
+
+    def head(self, model, variables, features, *, train, rng=None):
+        """The logits of the head alone on `features` (its dropout with `train`, from `rng`)."""
+        rngs = {"dropout": rng} if train else {}
+        return model.apply(variables, *(None,) * len(model.input_keys), train=train, rngs=rngs,
+                           features=features)
 
     def evaluators(self):
         return [evaluators.ClassificationMetrics(self.num_labels)]
