@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.method_args.prompt_init_text = ""
     c.method_args.prefix_tokens = 10        # prefix: key/value prefixes per layer
     c.method_args.prefix_reparam = 0        # prefix: MLP width (0: direct parameters)
+    # linear_probe: encode each split once with the frozen encoder (eval mode) into
+    # W/features/ and train the head on those cached features (ftjax/feature_cache.py).
+    c.method_args.cache_features = False
 
     # ---- data ---------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

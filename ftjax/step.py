@@ -7,6 +7,7 @@ inserts the gradient all-reduce. No pmap.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -81,8 +82,8 @@ def updates_batch_stats(model: nn.Module, model_state) -> bool:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task, *,
-                    accum_steps: int = 1, trainable: Any = None, skip_nonfinite: bool = False
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    accum_steps: int = 1, trainable: Any = None, skip_nonfinite: bool = False,
+                    forward: Callable | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Returns the pure `train_step(state, batch) -> (state, metrics)`.
 
     Metrics are "loss", the task's train metrics and "grad_norm" (+ "skipped").
@@ -96,18 +97,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, task, *,
       skip_nonfinite: a step whose loss or trainable gradient norm is NaN/Inf leaves
         params, optimizer and model state as they were (the step counter still moves,
         so the data moves on); metrics gain "skipped" (1.0 for such a step).
+      forward: `forward(variables, batch, train=, rng=, mutable=)` -> the model's outputs, in
+        place of the model on its input keys (`tasks.apply`): the head alone on cached
+        features takes batch["features"] (ftjax/feature_cache.py).
 
     Returns:
       The un-jitted step function.
     """
+    forward = forward or functools.partial(apply, model)
 
     def loss_fn(params, model_state, micro, rng):
         variables = {"params": params, **model_state}
         if updates_batch_stats(model, model_state):
-            outputs, new = apply(model, variables, micro, train=True, rng=rng, mutable=["batch_stats"])
+            outputs, new = forward(variables, micro, train=True, rng=rng, mutable=["batch_stats"])
             model_state = {**model_state, **new}
         else:
-            outputs = apply(model, variables, micro, train=True, rng=rng)
+            outputs = forward(variables, micro, train=True, rng=rng)
         loss, metrics = task.loss(outputs, micro)
         return loss, (metrics, model_state)
 

@@ -329,20 +329,29 @@ class Run:
     checkpointer: ckpt_lib.Checkpointer
     train_step: Any
     eval_step: Any
+    features: Any = None  # feature_cache.FeatureData (also `data`) when the head trains on cached features
 
     @property
     def replicated(self):
         return step_lib.replicated(self.mesh)
 
+    @property
+    def predict_keys(self) -> tuple[str, ...]:
+        """The batch keys the eval step takes."""
+        if self.features is not None:
+            return self.features.predict_keys
+        return self.task.predict_keys or self.model.input_keys
+
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
     """Data, task, model, optimizer, checkpointer and jitted steps of a run."""
-    from ftjax import methods, tasks
+    from ftjax import feature_cache, methods, tasks
 
     mesh = step_lib.make_mesh()
     _check_settings(config, mesh.size)
     replicated = step_lib.replicated(mesh)
     family_name, family, model_config, model_dir = resolve_model(config)
+    cache_features = feature_cache.check_config(config, family)  # before any data is read
     task, data = tasks.create(config, family, jax.process_index(), jax.process_count())
     _check_metric(config, task.metric_names(), task.name)
     model = make_model(config, task, family_name, model_config)
@@ -366,6 +375,12 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
         raise UserError(f"method {config.method} trains no parameter of this {family.name} model (its rules "
                         "match none: no biases for bitfit, no task head for linear_probe, ...); pick another "
                         "method or add rules (config.optimizer.trainable)")
+    trainable_mask = tree_lib.tree_from_rules(param_shapes, trainable_rules)
+    features = None
+    if cache_features:  # the head trains on what the frozen encoder computes once (ftjax/feature_cache.py)
+        features = data = feature_cache.FeatureData(
+            config, workdir, mesh, task, model, data, variable_shapes=variable_shapes, trainable=trainable_mask,
+            describe={"family": family_name, "model_config": model_config})
 
     def make_state(variables):
         params = variables["params"]
@@ -380,15 +395,16 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
     checkpointer = ckpt_lib.Checkpointer(
         workdir, keep=config.keep_checkpoints, keep_best=config.keep_best, metric=config.metric,
         mode=config.metric_mode, fingerprint=fingerprint)
-    trainable_mask = tree_lib.tree_from_rules(param_shapes, trainable_rules)
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(model, tx, task, accum_steps=config.accum_steps, trainable=trainable_mask,
-                                 skip_nonfinite=config.nonfinite == "skip"),
+                                 skip_nonfinite=config.nonfinite == "skip",
+                                 forward=features.forward if features else None),
         mesh, jax.tree.map(lambda _: replicated, state_shapes))
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, task), mesh, replicated)
+    eval_fn = features.predict if features else step_lib.make_eval_step(model, task)
+    eval_step = step_lib.jit_eval_step(eval_fn, mesh, replicated)
     return Run(config, workdir, mesh, family_name, family, task, data, model, model_config, model_dir, steps, tx,
                schedule, trainable_mask, total_params, optim.trainable_count(param_shapes, trainable_rules),
-               state_shapes, (init_fn, params_rng, make_state), checkpointer, train_step, eval_step)
+               state_shapes, (init_fn, params_rng, make_state), checkpointer, train_step, eval_step, features)
 
 
 def initial_state(run: Run) -> tuple[Any, LoopState, str]:
@@ -430,7 +446,7 @@ def evaluate(run: Run, variables, split: str, tag: str | None = None) -> dict[st
     ("before", "step{N}", "final").
     """
     evaluators = run.task.evaluators()
-    predict_keys = run.task.predict_keys or run.model.input_keys
+    predict_keys = run.predict_keys
     row_keys = (*run.task.eval_keys, "mask")
     for batch in run.data.eval_batches(split):
         out = run.eval_step(variables, step_lib.shard_batch({k: batch[k] for k in predict_keys}, run.mesh))
@@ -523,6 +539,18 @@ def _log_row(fetched: list[dict], config, lr: float, examples: int, tokens: int,
     return row
 
 
+def _log_epoch(run: Run, train_s: float, writer: MetricWriter, step: int, since: tuple[int, float]):
+    """Logs the train time (no compile, evals or saves) of the epoch ending at `step`, which
+    started at `since` = (step, train time); returns the next epoch's `since`."""
+    first, started = since
+    per_epoch = run.data.steps_per_epoch
+    if jax.process_index() == 0:
+        part = "" if first == step - per_epoch else f" (steps {first + 1}-{step})"
+        info(f"epoch {step // per_epoch}: {train_s - started:.2f} s of train time{part}")
+    writer.write(step, {"epoch_train_s": train_s - started})
+    return step, train_s
+
+
 def _make_workdir(workdir: str) -> epath.Path:
     workdir = epath.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -598,7 +626,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
         info(f"start: {start_from}; {total} steps ({run.data.steps_per_epoch} an epoch) on {run.mesh.size} "
              f"{jax.devices()[0].platform} device(s)")
     writer = MetricWriter(workdir, enabled=is_main)
+    if run.features is not None:  # cached features: encode each split once (or load it), not train time
+        run.features.encode(state, writer, start)
     watch, preemption = Stopwatch(loop.train_time_s), PreemptionWatch(checkpointer)
+    epoch_from = (start, watch.train_s())
     bar = ProgressBar(total, start, enabled=is_main and config.progress_bar)
     pending = _Pending(config.nonfinite, loop)
     pending.last_saved = checkpointer.latest_step()
@@ -649,6 +680,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
                     checkpointer.save(step, state, extra=dataclasses.asdict(loop), force=True)
                 pending.last_saved = step
             window_t += watch.side_s - side_before  # keep compile, eval and saves out of throughput
+            if step % run.data.steps_per_epoch == 0:
+                epoch_from = _log_epoch(run, watch.train_s(), writer, step, epoch_from)
             if preempted:
                 checkpointer.wait()
                 raise Preempted(f"{preemption.reason} at step {step}: checkpoint saved in "

@@ -13,7 +13,9 @@ and, where it has them,
   merge(params, peft) -> params: fold the additions into a plain model (LoRA, IA3); a
     method that adds parameters and has no merge is exported with them;
   start_rules(method_args, layout, steps_per_epoch) -> [(regex, step)]: the step
-    from which params train (gradual unfreezing).
+    from which params train (gradual unfreezing);
+  FROZEN_ENCODER: True when only the head trains, so `method_args.cache_features` may
+    cache the encoder's outputs (linear_probe; ftjax/feature_cache.py).
 It never touches the trainer. `config.method_args.layerwise_lr_decay` combines with any
 method: lr x decay^(depth from the top), the head and pooler at depth 0.
 """
@@ -113,6 +115,22 @@ def merged_for_export(config, params, peft_spec: Peft):
     if getattr(method, "ADDS", ()):
         return None
     return params
+
+
+def caches_features(config) -> bool:
+    """Whether the run trains its head on cached encoder features (`method_args.cache_features`).
+
+    Raises:
+      UserError: caching is asked for a method that trains more than the head.
+    """
+    if not config.method_args.cache_features:
+        return False
+    if not getattr(get(config.method), "FROZEN_ENCODER", False):
+        fits = [name for name, m in METHODS.items() if getattr(m, "FROZEN_ENCODER", False)]
+        raise UserError(f"method_args.cache_features=True caches the outputs of a frozen encoder, and "
+                        f"method={config.method} trains the encoder; use method={' or '.join(fits)}, or set "
+                        "method_args.cache_features=False")
+    return True
 
 
 def start_rules(config, layout: Layout | int, steps_per_epoch: int):

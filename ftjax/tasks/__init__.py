@@ -28,7 +28,11 @@ A task owns
     `metric_names()` lists those names, so a wrong config.metric is refused before training;
   * what a run records: `export_meta()` (into export/meta.json, read back by
     `from_meta`), `fingerprint()` (what a checkpoint must match), `summary()`;
-  * how `ftjax.inference.Predictor` renders its predictions: `render(predictions)`.
+  * how `ftjax.inference.Predictor` renders its predictions: `render(predictions)`;
+  * optionally, its model in two halves for cached features (`method_args.cache_features`,
+    ftjax/feature_cache.py): `caches_features = True`, `features(model, variables, batch)`
+    (the head's input, eval mode) and `head(model, variables, features, train=, rng=)`
+    (train: what `loss` takes; eval: what `predict` returns for those rows).
 
 A sequence-to-sequence task (speech recognition, summarisation) fits the same seams
 without touching train.py or step.py; tests/toy_seq2seq.py is a working one:
@@ -126,6 +130,19 @@ class Task:
         return apply(model, variables, batch, train=False).astype(jnp.float32)
 
     def evaluators(self) -> list:
+        raise NotImplementedError
+
+    # Cached features (method_args.cache_features, ftjax/feature_cache.py): a task whose model is
+    # a frozen feature extractor under a trained head says so and splits its model in two.
+    caches_features: ClassVar[bool] = False
+
+    def features(self, model, variables, batch: dict):
+        """The head's input of every row of `batch` (float32 [B, ...]), computed in eval mode."""
+        raise NotImplementedError
+
+    def head(self, model, variables, features, *, train: bool, rng=None):
+        """The model's outputs from `features` alone: with `train`, what `loss` takes (dropout
+        from `rng`); without, what `predict` returns for the rows the features came from."""
         raise NotImplementedError
 
     @classmethod
