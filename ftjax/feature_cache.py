@@ -29,14 +29,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 from etils import epath
 
 from ftjax import step as step_lib
 from ftjax import tree as tree_lib
-from ftjax.data import pipeline
 from ftjax.errors import UserError
 from ftjax.logs import ProgressBar, info, is_remote
 
@@ -76,37 +74,6 @@ def check_config(config, family) -> bool:
                         f"(data.train_augment={d.train_augment!r}, data.flip={d.flip}) into the cache: set "
                         "data.train_augment=none and data.flip=False, or method_args.cache_features=False")
     return True
-
-
-class _WithIndex:
-    """A pipeline batcher whose batches also carry this process's example indices ("index")."""
-
-    def __init__(self, batcher, process_index: int, process_count: int):
-        self.batcher, self.process_index, self.process_count = batcher, process_index, process_count
-        self.wants_lengths = batcher.wants_lengths
-
-    def lengths(self, n: int) -> np.ndarray:
-        return self.batcher.lengths(n)
-
-    def rows(self, indices: np.ndarray) -> np.ndarray:
-        b = len(indices) // self.process_count
-        return np.asarray(indices[self.process_index * b:(self.process_index + 1) * b], np.int64)
-
-    def __call__(self, indices, mask, *, step=None, lengths=None) -> dict[str, np.ndarray]:
-        batch = self.batcher(indices, mask, step=step, lengths=lengths)
-        return {**batch, "index": self.rows(indices)}
-
-
-class _IndexOnly(_WithIndex):
-    """The indices alone: the rows a train step draws, without reading them."""
-
-    def __init__(self, batcher, process_index: int, process_count: int):
-        super().__init__(batcher, process_index, process_count)
-        self.wants_lengths = False  # no padding to agree on
-
-    def __call__(self, indices, mask, *, step=None, lengths=None) -> dict[str, np.ndarray]:
-        del mask, step, lengths
-        return {"index": self.rows(indices)}
 
 
 def _say(message: str) -> None:
@@ -206,31 +173,20 @@ class FeatureData:
           A generator of host-local {"features", "label"} batches.
         """
         d = self._data
-        indices = pipeline._TrainBatchAt(
-            _IndexOnly(d._batcher("train", train=True), d._process_index, d._process_count),
-            d.num_examples("train"), d._batch_size, d.steps_per_epoch, d._seed, d._window, d._group)
         arrays = self._arrays["train"]
 
         def batches():
             for step in itertools.count(int(start_step)):
-                rows = indices(step)["index"]
+                rows = d.train_indices(step)
                 yield {k: np.asarray(v[rows]) for k, v in arrays.items()}
 
         return batches()
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         """One pass over the cached rows of role `split`; the last batch is padded with mask 0."""
-        d = self._data
-        n, size = d.num_examples(split), d._eval_batch_size
         arrays = self._arrays[split]
-        b = size // d._process_count
-        lo = d._process_index * b
-        for i in range(d.num_eval_batches(split)):
-            rows = np.arange(i * size, min((i + 1) * size, n))
-            mask = np.zeros(size, np.float32)
-            mask[:rows.size] = 1
-            rows = np.concatenate([rows, np.zeros(size - rows.size, np.int64)])[lo:lo + b]
-            yield {**{k: np.asarray(v[rows]) for k, v in arrays.items()}, "mask": mask[lo:lo + b]}
+        for at in self._data.eval_indices(split):
+            yield {**{k: np.asarray(v[at["index"]]) for k, v in arrays.items()}, "mask": at["mask"]}
 
     # ---- the cache ------------------------------------------------------------------
 
@@ -365,15 +321,13 @@ class FeatureData:
         """
         d = self._data
         n = d.num_examples(split)
-        batcher = _WithIndex(d._batcher(split, train=False), d._process_index, d._process_count)
-        at = pipeline._EvalBatchAt(batcher, n, d._eval_batch_size, by_length=hasattr(batcher.batcher, "lengths"))
-        num_batches = -(-n // d._eval_batch_size)
+        num_batches = d.num_eval_batches(split)
         keys = self._task.predict_keys or self._model.input_keys
         out: dict[str, np.ndarray] = {}
         seen = np.zeros(n, bool)
         bar = ProgressBar(num_batches, 0, enabled=jax.process_index() == 0 and self._config.progress_bar)
         try:
-            for i, batch in enumerate(d._iterate(grain.MapDataset.range(num_batches).map(at), 0)):
+            for i, batch in enumerate(d.eval_batches(split, with_index=True)):
                 features = step_lib.to_host(encode_step(variables, step_lib.shard_batch(
                     {k: batch[k] for k in keys}, self._mesh)))
                 rows = {k: v for k, v in batch.items() if k not in keys}

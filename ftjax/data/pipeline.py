@@ -242,6 +242,40 @@ class _EvalBatchAt:
         return self.batcher(indices, mask, lengths=self.lengths)
 
 
+class _WithIndex:
+    """A batcher whose batches also carry this process's example indices ("index")."""
+
+    def __init__(self, batcher, process_index: int, process_count: int):
+        self.batcher, self.process_index, self.process_count = batcher, process_index, process_count
+        self.wants_lengths = batcher.wants_lengths
+
+    def lengths(self, n: int) -> np.ndarray:
+        return self.batcher.lengths(n)
+
+    def rows(self, values: np.ndarray) -> np.ndarray:
+        b = len(values) // self.process_count
+        return np.asarray(values[self.process_index * b:(self.process_index + 1) * b])
+
+    def __call__(self, indices, mask, *, step=None, lengths=None) -> Batch:
+        batch = self.batcher(indices, mask, step=step, lengths=lengths)
+        return {**batch, "index": self.rows(indices).astype(np.int64)}
+
+
+class _IndexOnly(_WithIndex):
+    """The indices (and eval mask) alone: which rows a batch holds, without reading them."""
+
+    def __init__(self, batcher, process_index: int, process_count: int):
+        super().__init__(batcher, process_index, process_count)
+        self.wants_lengths = False  # nothing is padded
+
+    def __call__(self, indices, mask, *, step=None, lengths=None) -> Batch:
+        del step, lengths
+        out = {"index": self.rows(indices).astype(np.int64)}
+        if mask is not None:
+            out["mask"] = self.rows(mask).astype(np.float32)
+        return out
+
+
 class SplitData:
     """What TextData and ImageData share: process checks, split sizes, batching, grain iteration.
 
@@ -321,18 +355,40 @@ class SplitData:
                         self.steps_per_epoch, self._seed, self._window, self._group)
         return self._iterate(grain.MapDataset.range(int(start_step), _FOREVER).map(fn), self._num_workers)
 
-    def eval_batches(self, split: str) -> Iterator[Batch]:
+    def train_indices(self, step: int) -> np.ndarray:
+        """This process's example indices (into the train split) of global step `step`'s
+        batch: the rows `train_batches` reads there, for batches built from other
+        per-example arrays (cached features). Nothing is read but lengths for grouping."""
+        at = self.__dict__.get("_indices_at")
+        if at is None:
+            at = self._indices_at = _TrainBatchAt(
+                _IndexOnly(self._batcher("train", train=True), self._process_index, self._process_count),
+                self._sizes["train"], self._batch_size, self.steps_per_epoch, self._seed, self._window, self._group)
+        return at(step)["index"]
+
+    def eval_indices(self, split: str) -> Iterator[Batch]:
+        """One pass over role `split` as {"index", "mask"} of this process's rows, in
+        eval batches of `eval_batch_size` (the last padded with index 0, mask 0)."""
+        at = _EvalBatchAt(_IndexOnly(self._batcher(split, train=False), self._process_index, self._process_count),
+                          self.num_examples(split), self._eval_batch_size)
+        return (at(i) for i in range(self.num_eval_batches(split)))
+
+    def eval_batches(self, split: str, with_index: bool = False) -> Iterator[Batch]:
         """One pass over role `split` ("dev" or "test"), every example exactly once.
 
         Args:
           split: the role.
+          with_index: the batches also carry "index" (int64 [b]: each row's example
+            index in the split; padding rows repeat example 0).
 
         Returns:
           An iterator of host-local batches like train's plus `mask` (float32 [b]: 1
           for real examples, 0 for the padding rows of the last batch).
         """
-        fn = _EvalBatchAt(self._batcher(split, train=False), self.num_examples(split), self._eval_batch_size,
-                       by_length=self._group > 0)
+        batcher = self._batcher(split, train=False)
+        if with_index:
+            batcher = _WithIndex(batcher, self._process_index, self._process_count)
+        fn = _EvalBatchAt(batcher, self.num_examples(split), self._eval_batch_size, by_length=self._group > 0)
         # In-process always: an eval pass is short, and starting worker processes for
         # each one would cost more (~2 s) than it saves.
         return self._iterate(grain.MapDataset.range(self.num_eval_batches(split)).map(fn), 0)
