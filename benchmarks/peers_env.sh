@@ -17,5 +17,7 @@ python3 -m venv "$VENV"
 # No torch: the Flax peer loads the safetensors/flax weights without it.
 "$VENV/bin/pip" install -q "transformers==4.57.*" "jax==$JAX" "jaxlib==$JAX" "flax==$FLAX" \
     "optax==$OPTAX" "numpy==$NUMPY" safetensors
-"$VENV/bin/python" -c "from transformers import FlaxBertForSequenceClassification; import jax, transformers; \
+# The image peers (--model=vit_s16|resnet50) use the Flax ViT and ResNet classes of the same release.
+"$VENV/bin/python" -c "from transformers import FlaxBertForSequenceClassification, FlaxViTForImageClassification, \
+FlaxResNetForImageClassification; import jax, transformers; \
 print('ok: transformers', transformers.__version__, 'jax', jax.__version__)"

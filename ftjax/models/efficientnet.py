@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec
-from ftjax.models.layers import Dropout, Peft
+from ftjax.models.layers import Conv, Dropout, Peft
 from ftjax.models.layout import Layout
 
 # Stages of EfficientNet-B0 / Lite0: (repeats, kernel, stride, expand ratio, output channels).
@@ -140,10 +140,10 @@ def layout(config: EfficientNetConfig) -> Layout:
                   top=(r".*/top/.*",), norms=r".*/bn\d?/(scale|bias)")
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype, groups: int = 1) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", use_bias=False,
-                   feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32, name=name,
-                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal"))
+def _conv(features: int, kernel: int, stride: int, name: str, dtype, groups: int = 1) -> Conv:
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32, name=name,
+                kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal"))
 
 
 def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:

@@ -109,6 +109,64 @@ class Dropout(nn.Module):
                               jnp.zeros_like(inputs))
 
 
+class Conv(nn.Module):
+    """nn.Conv on NHWC inputs (HWIO kernel [kh, kw, C / groups, features], the same
+    "kernel" and "bias" parameters and inits) that runs as a matrix product where one
+    is exact: a 1x1 kernel of one group with no padding (over channels; strided: on every
+    stride-th pixel), and a kernel that tiles the image (stride = kernel, "VALID": ViT's
+    patch embedding, over each patch's pixels). XLA:CPU runs products through its fast
+    matmul path and convolutions through a much slower one; ResNet's bottlenecks and
+    EfficientNet's expand/project convs are 1x1.
+
+    Attributes:
+      features: output channels.
+      kernel_size: (kh, kw).
+      strides: (sh, sw).
+      padding: "SAME", "VALID" or ((top, bottom), (left, right)).
+      feature_group_count: groups (channels / groups inputs per output).
+      dtype: the computation dtype.
+      param_dtype: the kernel's dtype.
+      kernel_init: the kernel's initializer.
+      use_bias: add a "bias" [features] (zeros at init).
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = "SAME"
+    feature_group_count: int = 1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init,
+                            (kh, kw, x.shape[-1] // self.feature_group_count, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        (sh, sw), (b, h, w, c) = self.strides, x.shape
+        unpadded = self.padding in ("SAME", "VALID") or all(tuple(p) == (0, 0) for p in self.padding)
+        dot = lambda a, k: jax.lax.dot_general(a, k, (((a.ndim - 1,), (0,)), ((), ())))  # noqa: E731
+        if self.feature_group_count != 1:
+            y = None
+        elif (kh, kw) == (1, 1) and unpadded:
+            y = dot(x[:, ::sh, ::sw] if (sh, sw) != (1, 1) else x, kernel[0, 0])
+        elif (kh, kw) == (sh, sw) and self.padding == "VALID" and h % kh == 0 and w % kw == 0:
+            patches = x.reshape(b, h // kh, kh, w // kw, kw, c).transpose(0, 1, 3, 2, 4, 5)
+            y = dot(patches.reshape(b, h // kh, w // kw, kh * kw * c), kernel.reshape(kh * kw * c, -1))
+        else:
+            y = None
+        if y is None:
+            padding = self.padding if isinstance(self.padding, str) else tuple(tuple(p) for p in self.padding)
+            y = jax.lax.conv_general_dilated(x, kernel, (sh, sw), padding,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=self.feature_group_count)
+        return y if bias is None else y + bias.astype(self.dtype)
+
+
 def check_heads(hidden: int, heads: int, hidden_name: str = "hidden_size",
                 heads_name: str = "num_attention_heads") -> None:
     """Raises a one-line UserError unless `heads` attention heads split `hidden` evenly.

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec
-from ftjax.models.layers import ACTIVATIONS, Peft, config_from_hf
+from ftjax.models.layers import ACTIVATIONS, Conv, Peft, config_from_hf
 from ftjax.models.layout import Layout
 
 TINY_RESNET = {
@@ -77,10 +77,10 @@ class ConvLayer(nn.Module):
     @nn.compact
     def __call__(self, x):
         pad = self.kernel // 2
-        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                    padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                    name="convolution")(x)
+        x = Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
+                 padding=((pad, pad), (pad, pad)), dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                 name="convolution")(x)
         x = nn.BatchNorm(use_running_average=self.use_running_average, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, param_dtype=jnp.float32, name="normalization")(x)
         return x if self.activation is None else ACTIVATIONS[self.activation](x)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ftjax.errors import UserError
 from ftjax.models.family import EncoderOptions, FamilySpec
-from ftjax.models.layers import ACTIVATIONS, Adapter, Dense, Dropout, Peft, PrefixEncoder, SelfAttention, config_from_hf
+from ftjax.models.layers import ACTIVATIONS, Adapter, Conv, Dense, Dropout, Peft, PrefixEncoder, SelfAttention, config_from_hf
 from ftjax.models.layout import Layout
 
 TINY_VIT = {
@@ -178,9 +178,9 @@ class _PatchEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, images):
         cfg, p = self.config, self.config.patch_size
-        return nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                       kernel_init=nn.initializers.truncated_normal(cfg.initializer_range),
-                       dtype=self.dtype, param_dtype=jnp.float32, name="projection")(images)
+        return Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=True,
+                    kernel_init=nn.initializers.truncated_normal(cfg.initializer_range),
+                    dtype=self.dtype, param_dtype=jnp.float32, name="projection")(images)
 
 
 class Embeddings(nn.Module):

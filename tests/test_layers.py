@@ -1,4 +1,4 @@
-"""ftjax's Dropout (16-bit keep masks) and exact GELU against their definitions."""
+"""Shared layers with their own kernels: Dropout (16-bit keep masks), exact GELU, Conv (matmul paths)."""
 
 import math
 
@@ -100,3 +100,31 @@ def test_gelu_is_the_exact_erf_form():
     np.testing.assert_allclose(np.asarray(jax.grad(lambda v: layers.gelu(v).sum())(jnp.asarray(x))),
                                np.asarray(jax.grad(lambda v: jax.nn.gelu(v, approximate=False).sum())(jnp.asarray(x))),
                                atol=2e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,groups", [
+    (1, 1, "SAME", 1), (1, 2, "SAME", 1), (1, 2, ((0, 0), (0, 0)), 1),  # matmul over channels
+    (4, 4, "VALID", 1),                                                  # patches (ViT)
+    (3, 1, ((1, 1), (1, 1)), 1), (3, 2, "SAME", 1), (1, 1, "SAME", 2),   # convolutions
+])
+def test_conv_equals_flax_conv_on_every_path(kernel, stride, padding, groups):
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
+    kw = dict(strides=(stride, stride), padding=padding, feature_group_count=groups)
+    ours = layers.Conv(6, (kernel, kernel), use_bias=True, **kw)
+    ref = nn.Conv(6, (kernel, kernel), use_bias=True, **kw)
+    params = ref.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_array_equal(ours.init(jax.random.key(1), x)["params"]["kernel"], params["params"]["kernel"])
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), atol=1e-5)
+    g_ours = jax.grad(lambda p: (ours.apply(p, x) ** 2).sum())(params)
+    g_ref = jax.grad(lambda p: (ref.apply(p, x) ** 2).sum())(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
+
+
+def test_pointwise_and_patch_convs_lower_to_dots_not_convolutions():
+    x = jnp.ones((1, 8, 8, 4))
+    for conv in (layers.Conv(4, (1, 1), strides=(2, 2)), layers.Conv(4, (4, 4), strides=(4, 4), padding="VALID")):
+        params = conv.init(jax.random.key(0), x)
+        hlo = jax.jit(conv.apply).lower(params, x).as_text()
+        assert "convolution" not in hlo and "dot_general" in hlo, hlo[:2000]
