@@ -105,6 +105,16 @@ def _timed(step, n: int) -> list[float]:
     return out
 
 
+def _measure(step, holder: dict, steps: int, warmup: int) -> dict:
+    """The first step (compile or first eager step), `warmup` - 1 untimed steps, then `steps` timed."""
+    t0 = time.perf_counter()
+    step()
+    first_s, holder["first_loss"] = time.perf_counter() - t0, holder["loss"]
+    _timed(step, max(warmup - 1, 0))
+    times = _timed(step, steps)
+    return {"first_step_s": first_s, "times": times, "loss": holder["loss"], "first_loss": holder["first_loss"]}
+
+
 # ---------------------------------------------------------------- workers (one process each)
 
 def run_ftjax(folder: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -133,12 +143,8 @@ def run_ftjax(folder: str, batch: int, seq: int, steps: int, warmup: int) -> dic
             holder["state"], m = run.train_step(holder["state"], step_lib.shard_batch(b, run.mesh))
             holder["loss"] = float(jax.block_until_ready(m)["loss"])
 
-        t0 = time.perf_counter()
-        step()
-        first_s = time.perf_counter() - t0
-        _timed(step, max(warmup - 1, 0))
-        times = _timed(step, steps)
-    return {"first_step_s": first_s, "times": times, "loss": holder["loss"],
+        measured = _measure(step, holder, steps, warmup)
+    return {**measured,
             "versions": {"jax": jax.__version__}, "threads": None}
 
 
@@ -174,12 +180,8 @@ def run_hf_torch(folder: str, batch: int, seq: int, steps: int, warmup: int, com
         opt.zero_grad(set_to_none=True)
         holder["loss"] = float(loss.detach())
 
-    t0 = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - t0
-    _timed(step, max(warmup - 1, 0))
-    times = _timed(step, steps)
-    return {"first_step_s": first_s, "times": times, "loss": holder["loss"],
+    measured = _measure(step, holder, steps, warmup)
+    return {**measured,
             "attn": model.config._attn_implementation,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "threads": torch.get_num_threads()}
@@ -228,12 +230,8 @@ def run_hf_flax(folder: str, batch: int, seq: int, steps: int, warmup: int) -> d
                                                    holder["rng"])
         holder["loss"] = float(jax.block_until_ready(m)["loss"])
 
-    t0 = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - t0
-    _timed(step, max(warmup - 1, 0))
-    times = _timed(step, steps)
-    return {"first_step_s": first_s, "times": times, "loss": holder["loss"],
+    measured = _measure(step, holder, steps, warmup)
+    return {**measured,
             "versions": {"jax": jax.__version__, "transformers": transformers.__version__}, "threads": None}
 
 
@@ -268,15 +266,6 @@ def make_images(batch: int, size: int):
     rng = np.random.default_rng(SEED)
     return {"image": rng.standard_normal((batch, size, size, 3), dtype=np.float32),
             "label": rng.integers(0, NUM_IMAGE_LABELS, (batch,), dtype=np.int32)}
-
-
-def _measure(step, holder: dict, steps: int, warmup: int) -> dict:
-    t0 = time.perf_counter()
-    step()
-    first_s, holder["first_loss"] = time.perf_counter() - t0, holder["loss"]
-    _timed(step, max(warmup - 1, 0))
-    times = _timed(step, steps)
-    return {"first_step_s": first_s, "times": times, "loss": holder["loss"], "first_loss": holder["first_loss"]}
 
 
 def run_ftjax_image(model: str, folder: str, batch: int, size: int, steps: int, warmup: int) -> dict:
