@@ -14,9 +14,14 @@ from configs import bert_sst2
 METHODS = ("full", "lora", "adapter", "bitfit", "linear_probe")
 
 
+# the linear probe trains on features the frozen encoder computed once in eval mode
+METHOD_ARGS = {"linear_probe": {"method_args.cache_features": True}}
+
+
 def get_grid(arg=None):
     del arg
     # the learning rate configs/bbc_news.py:method=NAME would set (an override of config.method does not)
     return {"config": "configs/bbc_news.py",
-            "points": [{"method": m, "optimizer.lr": bert_sst2.METHOD_LR[m] or 5e-5} for m in METHODS],
+            "points": [{"method": m, "optimizer.lr": bert_sst2.METHOD_LR[m] or 5e-5, **METHOD_ARGS.get(m, {})}
+                       for m in METHODS],
             "seeds": (0, 1, 2)}
