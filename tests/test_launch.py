@@ -580,6 +580,6 @@ def test_shellcheck():
         if os.environ.get("FTJAX_REQUIRE_SHELLCHECK") == "1":
             pytest.fail("shellcheck is required here (FTJAX_REQUIRE_SHELLCHECK=1) but is not on PATH")
         pytest.skip("shellcheck is not on PATH (apt-get install shellcheck); FTJAX_REQUIRE_SHELLCHECK=1 makes this fail")
-    scripts = sorted(str(p.relative_to(REPO)) for p in LAUNCH.glob("*.sh"))
+    scripts = sorted(str(p.relative_to(REPO)) for p in LAUNCH.glob("*.sh")) + ["results/tables/run_all.sh"]
     r = subprocess.run([shellcheck, *scripts], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -153,3 +153,31 @@ def test_a_killed_sweep_resumes_without_redoing_finished_points(setting):
     # a third run finds everything done and trains nothing
     out, _ = _run_sweep(setting).communicate(timeout=300)
     assert out.count(": done, ") == 3 and "finished" not in out, out
+
+
+def test_run_all_runs_every_table_sweep_twice_then_every_report(tmp_path):
+    """results/tables/run_all.sh, with a stand-in Python that records its arguments."""
+    log = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "FTJAX_TABLES_RUNS": str(tmp_path / "runs")}
+    script = str(ROOT / "results/tables/run_all.sh")
+    assert subprocess.run(["bash", script], env=env, capture_output=True, text=True).returncode == 0
+    calls = log.read_text().splitlines()
+    sweeps = [c for c in calls if c.startswith("-m ftjax.sweep")]
+    reports = [c for c in calls if c.startswith("-m ftjax.report")]
+    assert len(sweeps) + len(reports) == len(calls) and calls[:len(sweeps)] == sweeps
+    grids = [c.split("--grid=")[1].split()[0] for c in sweeps[::2]]
+    assert sweeps[::2] == sweeps[1::2]  # each sweep twice: the second pass retries failures
+    assert grids == ["configs/grids/t_methods.py", "configs/grids/t_size.py", "configs/grids/t_vision.py",
+                     "configs/grids/t_data.py:text", "configs/grids/t_data.py:vision", "configs/grids/t_topic.py",
+                     "configs/grids/t_size.py:mpnet"]
+    for grid in grids:  # every grid the script names exists and loads
+        sweep.load_grid(str(ROOT / grid))
+    outs = sorted(c.split("--out=")[1] for c in reports)
+    assert outs == [f"results/tables/{t}" for t in
+                    ("t_data_text", "t_data_vision", "t_methods", "t_size", "t_topic", "t_vision")]
+    assert all(f"{tmp_path}/runs/" in c for c in calls)
+    r = subprocess.run(["bash", script, "tables"], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("usage:")
