@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -599,6 +600,8 @@ def _plot_params(path: str, groups: list[Group], metric: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     colors = _colors(len(groups))
+    xs = [x for g in groups if (x := _mean_of(g.runs, "trainable_params"))]
+    mid = math.sqrt(min(xs) * max(xs)) if xs else 0.0  # labels right of a point left of the middle, else left
     for ax, split in zip(axes, _SPLITS):
         for g, color in zip(groups, colors):
             m, s = mean_std(_values(g.runs, split, metric))
@@ -606,7 +609,9 @@ def _plot_params(path: str, groups: list[Group], metric: str) -> None:
             if m is None or not x:
                 continue
             ax.errorbar([x], [m], yerr=[s or 0.0], fmt="o", color=color, capsize=3)
-            ax.annotate(g.label, (x, m), textcoords="offset points", xytext=(4, 4), fontsize=7).set_in_layout(False)
+            left = x > mid
+            ax.annotate(g.label, (x, m), textcoords="offset points", xytext=(-4 if left else 4, 4),
+                        ha="right" if left else "left", fontsize=7).set_in_layout(False)
         ax.set_xscale("log")
         ax.margins(x=0.12)  # room for the labels of the outer points
         ax.set(xlabel="trainable parameters", ylabel=f"{split} {metric}", title=f"{split} {metric} (mean ± std)")
