@@ -74,6 +74,18 @@ def fmt_value(v: Any) -> str:
     return repr(v) if isinstance(v, float) else str(v)
 
 
+def flag_value(v: Any) -> str:
+    """A value as `--config.KEY=VALUE` takes it: `fmt_value`, but a tuple's strings quoted.
+
+    ml_collections reads a tuple flag as a Python literal, so `(head/.*,)` is refused and
+    `('head/.*',)` is the one-element tuple.
+    """
+    if isinstance(v, (list, tuple)):
+        items = [repr(x) if isinstance(x, str) else flag_value(x) for x in v]
+        return "(" + ",".join(items) + ("," if len(items) == 1 else "") + ")"
+    return fmt_value(v)
+
+
 def point_name(overrides: dict[str, Any], seed: int | None) -> str:
     """KEY-VALUE pairs joined by "_", characters other than letters, digits, "." and "-" as "-"."""
     items = list(overrides.items()) + ([("seed", seed)] if seed is not None else [])
@@ -94,7 +106,7 @@ class Point:
     def args(self, config: str, root: str, fixed: dict[str, Any]) -> list[str]:
         over = {**fixed, **self.overrides, "seed": self.seed}
         return ([f"--config={config}", f"--workdir={root.rstrip('/')}/{self.name}"]
-                + [f"--config.{k}={fmt_value(v)}" for k, v in over.items()])
+                + [f"--config.{k}={flag_value(v)}" for k, v in over.items()])
 
 
 @dataclasses.dataclass

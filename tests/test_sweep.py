@@ -33,6 +33,36 @@ def test_product_names_and_flags():
     assert p.args("c.py:demo", "/r/", {"num_epochs": 1.0}) == [
         "--config=c.py:demo", f"--workdir=/r/{p.name}", "--config.num_epochs=1.0", "--config.method=lora",
         "--config.data.group_by_length=0", "--config.model.dropout=0.1", "--config.seed=1"]
+    # a tuple flag is a Python literal: its strings are quoted (the workdir name is not)
+    p = sweep.Point({"model.dont_load": ("head/.*",), "data.text_keys": ("a", "b"), "x": (1, 2.5)}, 0, "grid")
+    assert p.args("c.py", "/r", {})[2:5] == [
+        "--config.model.dont_load=('head/.*',)", "--config.data.text_keys=('a','b')", "--config.x=(1,2.5)"]
+    assert p.name == "model.dont-load--head-.---_data.text-keys--a-b-_x--1-2.5-_seed-0"
+
+
+GRID_FILES = ["t_methods.py", "t_size.py", "t_size.py:mpnet", "t_vision.py", "t_data.py:text", "t_data.py:vision",
+               "t_topic.py", "glue_bert.py:mrpc", "glue_adapter.py:stsb,epochs", "glue_lora.py:mnli"]
+
+
+@pytest.mark.parametrize("spec", GRID_FILES)
+def test_every_grid_point_parses_as_ftjax_main_parses_it(spec):
+    """Each point's flags, read by ml_collections as `python -m ftjax.main` reads them, set its values."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    grid = sweep.load_grid(str(ROOT / "configs/grids" / spec))
+    points = grid.grid_points() + ([sweep.Point(p, s, "tuned") for p in grid.points for s in grid.tune["seeds"]]
+                                   if grid.tune else [])
+    for point in points:
+        argv = ["ftjax.main"] + [a for a in point.args(grid.config, "/w", grid.fixed) if not a.startswith("--workdir=")]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+        for key, want in {**grid.fixed, **point.overrides, "seed": point.seed}.items():
+            got = fv.config
+            for part in key.split("."):
+                got = got[part]
+            assert (tuple(got) if isinstance(want, tuple) else got) == want, (point.name, key)
 
 
 @pytest.mark.parametrize("body, match", [
