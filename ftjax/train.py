@@ -304,6 +304,18 @@ def load_pretrained_variables(config, family, model_dir, variables):
     return out
 
 
+def start_label(config, params) -> str:
+    """The summary's "start" of a run given `config.model.pretrained`.
+
+    "pretrained NAME", or "scratch (...)" where `model.dont_load` keeps every parameter's
+    init: a from-scratch baseline of the same architecture.
+    """
+    paths = list(tree_lib.flatten(params))
+    if paths and all(tree_lib.any_match(p, tuple(config.model.dont_load)) for p in paths):
+        return f"scratch (the architecture of {config.model.pretrained}: model.dont_load keeps every init)"
+    return f"pretrained {config.model.pretrained}"
+
+
 @dataclasses.dataclass
 class Run:
     """Everything one run is built from (see `setup`)."""
@@ -430,7 +442,7 @@ def initial_state(run: Run) -> tuple[Any, LoopState, str]:
         start_from = f"initialised from {config.init_from}"
     elif run.model_dir is not None:
         variables = load_pretrained_variables(config, run.family, run.model_dir, variables)
-        start_from = f"pretrained {config.model.pretrained}"
+        start_from = start_label(config, variables["params"])
     else:
         start_from = "scratch"
     variables["params"] = methods.post_load(config, variables["params"], run.data.tokenizer)

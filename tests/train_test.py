@@ -192,3 +192,15 @@ def test_hf_export_round_trips_and_refuses_what_hf_cannot_compute(run, tmp_path)
         ckpt_lib.export_params(tmp_path / "other", params, {**meta, **change})
         with pytest.raises(UserError, match=words):
             export.export_hf(str(tmp_path / "other"), str(tmp_path / "hf2"))
+
+
+def test_start_label_names_a_from_scratch_baseline():
+    import ml_collections
+
+    params = {"encoder": {"layer_0": {"kernel": np.zeros(2)}}, "head": {"bias": np.zeros(2)}}
+    c = ml_collections.ConfigDict({"model": {"pretrained": "asset:minilm", "dont_load": ("head/.*",)}})
+    assert train.start_label(c, params) == "pretrained asset:minilm"
+    c.model.dont_load = ("head/.*", "encoder/.*")
+    assert train.start_label(c, params).startswith("scratch (the architecture of asset:minilm")
+    c.model.dont_load = (".*",)
+    assert train.start_label(c, params).startswith("scratch")
