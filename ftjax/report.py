@@ -602,20 +602,24 @@ def _plot_params(path: str, groups: list[Group], metric: str) -> None:
     colors = _colors(len(groups))
     xs = [x for g in groups if (x := _mean_of(g.runs, "trainable_params"))]
     mid = math.sqrt(min(xs) * max(xs)) if xs else 0.0  # labels right of a point left of the middle, else left
+    legend = len(groups) > 6  # more points than labels that stay apart: a legend instead
     for ax, split in zip(axes, _SPLITS):
         for g, color in zip(groups, colors):
             m, s = mean_std(_values(g.runs, split, metric))
             x = _mean_of(g.runs, "trainable_params")
             if m is None or not x:
                 continue
-            ax.errorbar([x], [m], yerr=[s or 0.0], fmt="o", color=color, capsize=3)
-            left = x > mid
-            ax.annotate(g.label, (x, m), textcoords="offset points", xytext=(-4 if left else 4, 4),
-                        ha="right" if left else "left", fontsize=7).set_in_layout(False)
+            ax.errorbar([x], [m], yerr=[s or 0.0], fmt="o", color=color, capsize=3, label=g.label)
+            if not legend:
+                left = x > mid
+                ax.annotate(g.label, (x, m), textcoords="offset points", xytext=(-4 if left else 4, 4),
+                            ha="right" if left else "left", fontsize=7).set_in_layout(False)
         ax.set_xscale("log")
         ax.margins(x=0.12)  # room for the labels of the outer points
         ax.set(xlabel="trainable parameters", ylabel=f"{split} {metric}", title=f"{split} {metric} (mean ± std)")
         ax.grid(alpha=0.3)
+    if legend and axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
