@@ -65,25 +65,19 @@ def product(**axes: Iterable[Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
 
 
-def fmt_value(v: Any) -> str:
-    """A value as a config flag gives it (floats in their shortest repr)."""
+def fmt_value(v: Any, *, flag: bool = False) -> str:
+    """A value as shown in names and tables (floats in their shortest repr).
+
+    flag: as `--config.KEY=VALUE` takes it: a tuple's strings quoted, since ml_collections
+    reads a tuple flag as a Python literal (`(head/.*,)` is refused, `('head/.*',)` is the
+    one-element tuple).
+    """
     if isinstance(v, bool):
         return "True" if v else "False"
     if isinstance(v, (list, tuple)):
-        return "(" + ",".join(fmt_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
-    return repr(v) if isinstance(v, float) else str(v)
-
-
-def flag_value(v: Any) -> str:
-    """A value as `--config.KEY=VALUE` takes it: `fmt_value`, but a tuple's strings quoted.
-
-    ml_collections reads a tuple flag as a Python literal, so `(head/.*,)` is refused and
-    `('head/.*',)` is the one-element tuple.
-    """
-    if isinstance(v, (list, tuple)):
-        items = [repr(x) if isinstance(x, str) else flag_value(x) for x in v]
+        items = [repr(x) if flag and isinstance(x, str) else fmt_value(x, flag=flag) for x in v]
         return "(" + ",".join(items) + ("," if len(items) == 1 else "") + ")"
-    return fmt_value(v)
+    return repr(v) if isinstance(v, float) else str(v)
 
 
 def point_name(overrides: dict[str, Any], seed: int | None) -> str:
@@ -106,7 +100,7 @@ class Point:
     def args(self, config: str, root: str, fixed: dict[str, Any]) -> list[str]:
         over = {**fixed, **self.overrides, "seed": self.seed}
         return ([f"--config={config}", f"--workdir={root.rstrip('/')}/{self.name}"]
-                + [f"--config.{k}={flag_value(v)}" for k, v in over.items()])
+                + [f"--config.{k}={fmt_value(v, flag=True)}" for k, v in over.items()])
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ leaves' names and whether torch stores the weight transposed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 
@@ -76,6 +77,15 @@ class DecoderMap:
                                f"({self.embeddings_shape})")
         return out
 
+    @functools.cached_property
+    def _by_path(self) -> tuple[dict[str, tuple[str, bool]], dict[str, tuple[str, bool]]]:
+        """(ftjax path -> (full HF name, transpose) of the fixed tensors, the same in a layer)."""
+        fixed = {f"{ours}/{leaf}": (f"{self.prefix}{hf}.{hf_leaf}", t) for hf, (ours, kind) in self.fixed.items()
+                 for hf_leaf, (leaf, t) in self.leaves[kind].items()}
+        layer = {f"{ours}/{leaf}": (f"{hf}.{hf_leaf}", t) for hf, (ours, kind) in self.layer.items()
+                 for hf_leaf, (leaf, t) in self.leaves[kind].items()}
+        return fixed, layer
+
     def to_hf(self, flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """ftjax params ("FAMILY/...", no "params/" prefix, LoRA and IA3 merged first) -> HF tensors.
 
@@ -85,10 +95,7 @@ class DecoderMap:
         Raises:
           ConvertError: a parameter with no place in an HF checkpoint of this model.
         """
-        fixed = {f"{ours}/{leaf}": (f"{self.prefix}{hf}.{hf_leaf}", t) for hf, (ours, kind) in self.fixed.items()
-                 for hf_leaf, (leaf, t) in self.leaves[kind].items()}
-        layer = {f"{ours}/{leaf}": (f"{hf}.{hf_leaf}", t) for hf, (ours, kind) in self.layer.items()
-                 for hf_leaf, (leaf, t) in self.leaves[kind].items()}
+        fixed, layer = self._by_path
         out = {}
         for path, arr in flat.items():
             inner = path.removeprefix(f"{self.family}/") if path.startswith(f"{self.family}/") else None
