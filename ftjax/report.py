@@ -20,6 +20,8 @@ OUT.png (metrics vs trainable parameters), OUT_curves.png (learning curves) and,
                     metric, value, label, note}) as extra columns beside the matching rows
   --x=KEY           also plot the metric against the numeric setting KEY (OUT_KEY.png) ...
   --series=KEY      ... with one line per value of KEY
+  --name=VALUE=NAME shows the --series value VALUE (as the table shows it, no "=" in it)
+                    as NAME in that plot's legend; repeatable: --name='(.*,)=from scratch'
 """
 
 from __future__ import annotations
@@ -651,22 +653,36 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _check_x(groups: list[Group], x: str, series: str | None) -> None:
+def _check_x(groups: list[Group], x: str, series: str | None, names: dict[str, str] | None = None) -> None:
     for key, flag in ((x, "--x"), (series, "--series")):
         if key and not any(key in g.runs[0].lookup for g in groups):
             raise UserError(f"{flag}={key}: no run has this setting; columns: {_known(groups)}")
+    values = {_show(g.runs[0].lookup.get(series)) for g in groups} if series else set()
+    for value in names or {}:
+        if value not in values:
+            raise UserError(f"--name={value}=...: {series} has no value {value!r}; "
+                            f"its values: {', '.join(sorted(values))}")
     if not any(_number(g.runs[0].lookup.get(x)) is not None for g in groups):
         raise UserError(f"--x={x}: its values are not numbers "
                         f"({', '.join(sorted({_show(g.runs[0].lookup.get(x)) for g in groups}))})")
 
 
-def _plot_x(path: str, groups: list[Group], metric: str, x: str, series: str | None) -> list[str]:
-    """Metric vs the numeric setting x, one line per value of series; returns notes."""
+def x_lines(groups: list[Group], metric: str, series: str | None,
+            names: dict[str, str] | None = None) -> dict[str, list[Group]]:
+    """The x plot's lines: {legend name: groups}, one per value of series (else one, named metric)."""
+    lines: dict[str, list[Group]] = {}
+    for g in groups:
+        value = _show(g.runs[0].lookup.get(series)) if series else metric
+        lines.setdefault((names or {}).get(value, value), []).append(g)
+    return lines
+
+
+def _plot_x(path: str, groups: list[Group], metric: str, x: str, series: str | None,
+            names: dict[str, str] | None = None) -> list[str]:
+    """Metric vs the numeric setting x, one line per value of series (shown as names[value]); returns notes."""
     numeric = [g for g in groups if _number(g.runs[0].lookup.get(x)) is not None]
     skipped = [g.label for g in groups if g not in numeric]
-    lines: dict[str, list[Group]] = {}
-    for g in numeric:
-        lines.setdefault(_show(g.runs[0].lookup.get(series)) if series else metric, []).append(g)
+    lines = x_lines(numeric, metric, series, names)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     xs = [_number(g.runs[0].lookup[x]) for g in numeric if any(_values(g.runs, s, metric) for s in _SPLITS)]
@@ -697,7 +713,7 @@ def _known(groups: list[Group]) -> str:
 
 def report(roots: list[str], out: str, *, metrics: list[str] | None = None, tuned: bool = False,
            papers: str | None = None, x: str | None = None, series: str | None = None,
-           command: str | None = None) -> list[str]:
+           names: dict[str, str] | None = None, command: str | None = None) -> list[str]:
     """Writes OUT.md, OUT.csv, OUT.png, OUT_curves.png (and OUT_X.png); returns their paths.
 
     Args:
@@ -707,10 +723,13 @@ def report(roots: list[str], out: str, *, metrics: list[str] | None = None, tune
       tuned: keep only the tuned choice per group of ROOT/tuning.json.
       papers: a YAML file of paper numbers.
       x, series: the setting plotted on x (numeric) and the one giving one line per value.
+      names: {series value as the table shows it: legend name} for the x plot.
       command: the command line shown in the header (default: rebuilt from the arguments).
     """
     if series and not x:
         raise UserError("--series needs --x")
+    if names and not series:
+        raise UserError("--name needs --series")
     found, unfinished = find_workdirs(roots)
     if not found:
         raise UserError(f"no finished runs (summary.json) under {', '.join(roots)}"
@@ -719,6 +738,7 @@ def report(roots: list[str], out: str, *, metrics: list[str] | None = None, tune
         args = [*roots, f"--out={out}"] + ([f"--metrics={','.join(metrics)}"] if metrics else [])
         args += (["--tuned"] if tuned else []) + ([f"--papers={papers}"] if papers else [])
         args += ([f"--x={x}"] if x else []) + ([f"--series={series}"] if series else [])
+        args += [f"--name={v}={n}" for v, n in (names or {}).items()]
         command = "python -m ftjax.report " + shlex.join(args)
     paper_entries = load_papers(papers) if papers else []
     all_runs = [_load_run(shown, wd) for shown, wd in found]
@@ -729,7 +749,7 @@ def report(roots: list[str], out: str, *, metrics: list[str] | None = None, tune
     hide = tuple(k for r in runs if r.tuning for k in r.tuning["tune"]["over"]) if tuned else ()
     groups, columns = _group_runs(runs, hide)
     if x:
-        _check_x(groups, x, series)
+        _check_x(groups, x, series, names)
     if unfinished:
         notes.append(f"Unfinished (no summary.json), left out: {', '.join(sorted(unfinished))}.")
     out = out[:-3] if out.endswith(".md") else out
@@ -742,7 +762,7 @@ def report(roots: list[str], out: str, *, metrics: list[str] | None = None, tune
     _plot_curves(written[1], groups, metrics[0])
     if x:
         written.append(f"{out}_{re.sub(r'[^A-Za-z0-9._-]', '-', x)}.png")
-        notes += _plot_x(written[-1], groups, metrics[0], x, series)
+        notes += _plot_x(written[-1], groups, metrics[0], x, series, names)
     in_table = {r.path for r in runs}
     md = _render_md(name, command, groups, columns, metrics, runs, notes, paper_entries, tuned)
     pathlib.Path(f"{out}.md").write_text(md)
@@ -752,7 +772,7 @@ def report(roots: list[str], out: str, *, metrics: list[str] | None = None, tune
 
 def _parse(argv: list[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {"roots": [], "out": None, "metric": None, "metrics": None, "tuned": False,
-                            "papers": None, "x": None, "series": None}
+                            "papers": None, "x": None, "series": None, "names": {}}
     for a in argv:
         if a in ("-h", "--help"):
             print(__doc__)
@@ -761,18 +781,32 @@ def _parse(argv: list[str]) -> dict[str, Any]:
             opts["tuned"] = True
             continue
         m = re.fullmatch(r"--(out|metric|metrics|papers|x|series)=(.+)", a)
-        if m:
+        name = re.fullmatch(r"--name=([^=]+)=(.+)", a)
+        if name:
+            opts["names"][name.group(1)] = name.group(2)
+        elif a.startswith("--name"):
+            raise UserError(f"{a!r}: give --name=VALUE=NAME (VALUE as the table shows it)")
+        elif m:
             opts[m.group(1)] = m.group(2)
         elif not a.startswith("-"):
             opts["roots"].append(a)
         else:
             raise UserError(f"unknown argument {a!r}; usage: python -m ftjax.report DIR... --out=PATH "
-                            "[--metric=M | --metrics=A,B] [--tuned] [--papers=FILE.yaml] [--x=KEY [--series=KEY]]")
+                            "[--metric=M | --metrics=A,B] [--tuned] [--papers=FILE.yaml] [--x=KEY [--series=KEY [--name=VALUE=NAME]...]]")
     if not opts["roots"] or not opts["out"] or opts["out"].endswith(("/", os.sep)):
         raise UserError("give at least one DIR and --out=PATH (results/tables/NAME, no extension)")
     if opts["metric"] and opts["metrics"]:
         raise UserError("give --metric or --metrics, not both")
     return opts
+
+
+def run(argv: list[str], out: str | None = None) -> list[str]:
+    """Runs the command line argv (its --out, or out instead; the header shows argv as given)."""
+    o = _parse(argv)
+    asked = o["metrics"] or o["metric"]
+    return report(o["roots"], out or o["out"], metrics=[m for m in asked.split(",") if m] if asked else None,
+                  tuned=o["tuned"], papers=o["papers"], x=o["x"], series=o["series"], names=o["names"],
+                  command="python -m ftjax.report " + shlex.join(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -781,11 +815,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     with cli.user_errors():
-        o = _parse(argv)
-        asked = o["metrics"] or o["metric"]
-        written = report(o["roots"], o["out"], metrics=[m for m in asked.split(",") if m] if asked else None,
-                         tuned=o["tuned"], papers=o["papers"], x=o["x"], series=o["series"],
-                         command="python -m ftjax.report " + shlex.join(argv))
+        written = run(argv)
         for path in written:
             print(path)
     return 0

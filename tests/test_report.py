@@ -220,6 +220,22 @@ def test_pngs(methods_root, tmp_path, capsys):
     assert dev == {50: 0.75, 100: 0.80} and loss[10] == 0.1 and len(loss) == 10
 
 
+def test_series_names(methods_root, tmp_path, capsys):
+    argv = [str(methods_root), f"--out={tmp_path / 'n'}", "--x=optimizer.lr", "--series=method", "--name=lora=LoRA r=8"]
+    assert report._parse(argv)["names"] == {"lora": "LoRA r=8"}
+    written = report.run(argv)
+    assert written[-1] == str(tmp_path / "n_optimizer.lr.png")
+    assert "--name=lora=LoRA r=8" in (tmp_path / "n.md").read_text()  # the Regenerate line keeps it
+    groups, _ = report._group_runs([report._load_run(s, w) for s, w in report.find_workdirs([str(methods_root)])[0]])
+    lines = report.x_lines(groups, "accuracy", "method", {"lora": "LoRA r=8"})
+    assert {k: [len(g.runs) for g in gs] for k, gs in lines.items()} == {"full": [3], "LoRA r=8": [1]}
+    out = f"--out={tmp_path / 'e'}"
+    assert "--name=lorax=...: method has no value 'lorax'; its values: full, lora" in _error_line(
+        capsys, [str(methods_root), out, "--x=optimizer.lr", "--series=method", "--name=lorax=X"])
+    assert "--name needs --series" in _error_line(capsys, [str(methods_root), out, "--x=optimizer.lr", "--name=lora=X"])
+    assert "give --name=VALUE=NAME" in _error_line(capsys, [str(methods_root), out, "--name=lora"])
+
+
 def test_rerun_writes_the_same_files(methods_root, tmp_path):
     args = dict(tuned=False, x="optimizer.lr", command="python -m ftjax.report ROOT --out=OUT")
     report.report([str(methods_root)], str(tmp_path / "a"), **args)

@@ -35,10 +35,7 @@ def test_table_is_what_its_regenerate_line_writes(md, tmp_path, monkeypatch):
     o = report._parse(argv)
     assert o["out"] == f"results/tables/{md.stem}", f"{md.name} is written to {o['out']}"
     monkeypatch.chdir(ROOT)  # the roots in the command are relative to the repository root
-    asked = o["metrics"] or o["metric"]
-    written = report.report(o["roots"], str(tmp_path / md.stem), metrics=asked.split(",") if asked else None,
-                            tuned=o["tuned"], papers=o["papers"], x=o["x"], series=o["series"],
-                            command="python -m ftjax.report " + shlex.join(argv))
+    written = report.run(argv, out=str(tmp_path / md.stem))
     assert (tmp_path / f"{md.stem}.md").read_text() == md.read_text()
     assert (tmp_path / f"{md.stem}.csv").read_text() == (TABLES / f"{md.stem}.csv").read_text()
     for path in written:  # the plots are committed too (compared by name: their bytes follow matplotlib)

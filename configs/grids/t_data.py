@@ -2,7 +2,8 @@
 
   python -m ftjax.sweep --grid=configs/grids/t_data.py:text --root=DIR_TEXT
   python -m ftjax.sweep --grid=configs/grids/t_data.py:vision --root=DIR_VISION
-  python -m ftjax.report DIR --x=data.train_limit --series=model.dont_load --out=results/tables/t_data_text
+  python -m ftjax.report DIR --x=data.train_limit --series=model.dont_load \
+      '--name=(head/.*,)=pretrained' '--name=(.*,)=from scratch' --out=results/tables/t_data_text
 
 text: all-MiniLM-L6-v2 on Rotten Tomatoes (the demo setting, lr 5e-5); vision:
 EfficientNet-Lite0 on Fashion-MNIST (the demo setting, 64 px). Train sets are the first

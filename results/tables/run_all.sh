@@ -40,8 +40,10 @@ run_reports() {
   "$python" -m ftjax.report "$runs/t_methods" --tuned --papers="$out/papers/t_methods.yaml" --out="$out/t_methods"
   "$python" -m ftjax.report "$runs/t_size" --papers="$out/papers/t_size.yaml" --out="$out/t_size"
   "$python" -m ftjax.report "$runs/t_vision" --out="$out/t_vision"
-  "$python" -m ftjax.report "$runs/t_data_text" --x=data.train_limit --series=model.dont_load --out="$out/t_data_text"
-  "$python" -m ftjax.report "$runs/t_data_vision" --x=data.train_limit --series=model.dont_load --out="$out/t_data_vision"
+  "$python" -m ftjax.report "$runs/t_data_text" --x=data.train_limit --series=model.dont_load \
+    '--name=(head/.*,)=pretrained' '--name=(.*,)=from scratch' --out="$out/t_data_text"
+  "$python" -m ftjax.report "$runs/t_data_vision" --x=data.train_limit --series=model.dont_load \
+    '--name=(head/.*,)=pretrained' '--name=(.*,)=from scratch' --out="$out/t_data_vision"
   "$python" -m ftjax.report "$runs/t_topic" --out="$out/t_topic"
 }
 
