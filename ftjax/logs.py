@@ -21,9 +21,14 @@ def is_remote(path) -> bool:
 
 
 class MetricWriter:
-    """Appends one JSON object per logged step to W/metrics.jsonl and mirrors to TensorBoard."""
+    """Appends one JSON object per logged step to W/metrics.jsonl and mirrors to TensorBoard.
 
-    def __init__(self, workdir: epath.Path, enabled: bool = True):
+    A run resumed from its checkpoint at step S passes resume_step=S: the rows a killed run
+    logged after S (which the resumed run logs again) are dropped, in metrics.jsonl and in
+    TensorBoard (purge_step), so each step appears once.
+    """
+
+    def __init__(self, workdir: epath.Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         if not enabled:
@@ -33,16 +38,25 @@ class MetricWriter:
         # at each write, from the rows read at start plus the new ones.
         self._remote = is_remote(workdir)
         self._lines: list[str] = []
+        if self._path.exists() and (self._remote or resume_step is not None):
+            self._lines = self._path.read_text().splitlines()
+            if resume_step is not None:
+                kept = [line for line in self._lines if _row_step(line) <= resume_step]
+                if len(kept) < len(self._lines):
+                    info(f"resuming at step {resume_step}: dropped {len(self._lines) - len(kept)} "
+                         f"metrics.jsonl row(s) logged after it")
+                    self._lines = kept
+                    self._path.write_text("".join(line + "\n" for line in kept))
         if self._remote:
-            if self._path.exists():
-                self._lines = self._path.read_text().splitlines()
             info(f"{workdir} is remote: TensorBoard events are not written there; "
                  "metrics.jsonl is the record")
             return
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+            # events at steps > resume_step are purged when the next one is written
+            purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), **purge)
         except ImportError:  # TensorBoard files are a convenience, the jsonl is the record
             self._tb = None
 
@@ -67,6 +81,14 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def _row_step(line: str) -> float:
+    """A metrics.jsonl line's step; a line that is not a row counts as step -inf (kept)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -math.inf
 
 
 def _jsonable(v: Any) -> Any:

@@ -637,7 +637,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     if is_main:
         info(f"start: {start_from}; {total} steps ({run.data.steps_per_epoch} an epoch) on {run.mesh.size} "
              f"{jax.devices()[0].platform} device(s)")
-    writer = MetricWriter(workdir, enabled=is_main)
+    resumed = checkpointer.latest_step() is not None  # the state came from this workdir's checkpoint
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start if resumed else None)
     if run.features is not None:  # cached features: encode each split once (or load it), not train time
         run.features.encode(state, writer, start)
     watch, preemption = Stopwatch(loop.train_time_s), PreemptionWatch(checkpointer)

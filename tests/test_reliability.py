@@ -185,3 +185,5 @@ def test_full_disk_keeps_the_previous_checkpoint_and_the_rerun_continues_bitwise
     assert summary["final_step"] == 6
     want, got = logged_losses(reference), logged_losses(workdir)
     assert sorted(got) == list(range(1, 7)) and got == want  # exact float equality
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 7))  # the failed run's 3, 4: dropped
