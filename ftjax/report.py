@@ -643,8 +643,10 @@ def _plot_curves(path: str, groups: list[Group], metric: str) -> None:
     axes[1].set(xlabel="step", ylabel="train loss", title="train loss (mean over seeds, moving average of 5)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    if axes[1].get_legend_handles_labels()[0]:
-        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    handles, labels = axes[1].get_legend_handles_labels()
+    if handles:  # below both plots, so long labels do not narrow them
+        ncol = 3 if max(map(len, labels)) <= 40 else 2 if max(map(len, labels)) <= 70 else 1
+        fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=ncol)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
