@@ -46,7 +46,9 @@ class MetricWriter:
                     info(f"resuming at step {resume_step}: dropped {len(self._lines) - len(kept)} "
                          f"metrics.jsonl row(s) logged after it")
                     self._lines = kept
-                    self._path.write_text("".join(line + "\n" for line in kept))
+                    tmp = self._path.with_name(".metrics.jsonl.tmp")  # a kill mid-write loses no row
+                    tmp.write_text("".join(line + "\n" for line in kept))
+                    tmp.replace(self._path)
         if self._remote:
             info(f"{workdir} is remote: TensorBoard events are not written there; "
                  "metrics.jsonl is the record")

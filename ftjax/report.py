@@ -794,7 +794,8 @@ def _parse(argv: list[str]) -> dict[str, Any]:
             opts["roots"].append(a)
         else:
             raise UserError(f"unknown argument {a!r}; usage: python -m ftjax.report DIR... --out=PATH "
-                            "[--metric=M | --metrics=A,B] [--tuned] [--papers=FILE.yaml] [--x=KEY [--series=KEY [--name=VALUE=NAME]...]]")
+                            "[--metric=M | --metrics=A,B] [--tuned] [--papers=FILE.yaml] "
+                            "[--x=KEY [--series=KEY [--name=VALUE=NAME]...]]")
     if not opts["roots"] or not opts["out"] or opts["out"].endswith(("/", os.sep)):
         raise UserError("give at least one DIR and --out=PATH (results/tables/NAME, no extension)")
     if opts["metric"] and opts["metrics"]:
