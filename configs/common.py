@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
     # BatchNorm encoders (resnet, efficientnet): False uses and keeps the pretrained
     # statistics (right for small batches); True trains with batch statistics and updates them.
     c.model.update_batch_stats = False
+    # BatchNorm running-average momentum (flax convention: new = m * old + (1 - m) * batch).
+    # None: the family's (EfficientNet 0.99, TF's; ResNet 0.9, torch's 0.1). Short runs from
+    # scratch want 0.9 or lower: at 0.99, 100 steps leave 37% of each average at its init.
+    c.model.bn_momentum = placeholder(float)
     c.init_from = placeholder(str)      # a workdir or export dir of a previous ftjax run
 
     # ---- fine-tuning method (ftjax/methods/) ----------------------------------

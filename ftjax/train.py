@@ -250,7 +250,15 @@ def resolve_model(config: ml_collections.ConfigDict):
     else:
         raise UserError("set config.model.pretrained (a folder, hub name or asset:NAME) "
                         "or config.model.variant for a model from scratch")
-    return name, models.family(name), model_config, model_dir
+    spec = models.family(name)
+    if config.model.bn_momentum is not None:
+        if "bn_momentum" not in {f.name for f in dataclasses.fields(spec.config_class)}:
+            raise UserError(f"config.model.bn_momentum: the {name} family has no BatchNorm "
+                            "(efficientnet and resnet have); leave it unset")
+        if not 0.0 <= config.model.bn_momentum < 1.0:
+            raise UserError(f"config.model.bn_momentum={config.model.bn_momentum} must be in [0, 1)")
+        model_config = {**model_config, "bn_momentum": float(config.model.bn_momentum)}
+    return name, spec, model_config, model_dir
 
 
 def make_model(config: ml_collections.ConfigDict, task, family_name: str, model_config: dict):

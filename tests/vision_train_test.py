@@ -122,6 +122,36 @@ def test_three_steps_train_exactly_what_the_method_says(family, method, args, fo
     assert changed == bool(config.model.update_batch_stats and stats_before)
 
 
+@pytest.mark.parametrize("family,default", [("efficientnet", 0.99), ("resnet", 0.9)])
+def test_bn_momentum_sets_how_fast_the_running_statistics_move(family, default, folder, tmp_path):
+    images = jnp.asarray(np.random.RandomState(0).normal(size=(8, 32, 32, 3)), jnp.float32)
+
+    def one_update(momentum):
+        model, hf, _ = train.build_model(_config(folder, tmp_path, family, **{
+            "model.update_batch_stats": True, "model.bn_momentum": momentum}), TASK3)
+        assert hf.get("bn_momentum") == momentum
+        variables = jax.jit(model.init)(jax.random.key(0), images[:1])
+        _, state = jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"],
+                                                 rngs={"dropout": jax.random.key(1)}))(variables)
+        return tree_lib.flatten(variables["batch_stats"]), tree_lib.flatten(state["batch_stats"])
+
+    old, batch = one_update(0.0)  # momentum 0: the running statistics become the batch's
+    _, half = one_update(0.5)
+    _, usual = one_update(None)  # unset: the family's own momentum
+    assert old.keys() == batch.keys() == half.keys() and len(old) > 4
+    for k in old:  # train mode normalises with batch statistics, so every layer sees the same batch
+        np.testing.assert_allclose(half[k], 0.5 * old[k] + 0.5 * batch[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(usual[k], default * old[k] + (1 - default) * batch[k], rtol=1e-5,
+                                   atol=1e-6, err_msg=k)
+
+
+def test_bn_momentum_is_refused_without_batchnorm_or_out_of_range(folder, tmp_path):
+    with pytest.raises(UserError, match="the vit family has no BatchNorm"):
+        train.build_model(_config(folder, tmp_path, "vit", **{"model.bn_momentum": 0.9}), TASK3)
+    with pytest.raises(UserError, match=r"bn_momentum=1.0 must be in \[0, 1\)"):
+        train.build_model(_config(folder, tmp_path, "resnet", **{"model.bn_momentum": 1.0}), TASK3)
+
+
 def test_methods_without_attention_are_refused_on_cnns(folder, tmp_path):
     with pytest.raises(UserError, match="no attention blocks"):
         train.build_model(_config(folder, tmp_path, "resnet", "lora"), TASK3)

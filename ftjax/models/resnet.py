@@ -44,6 +44,7 @@ class ResNetConfig:
     hidden_act: str = "relu"
     downsample_in_first_stage: bool = False
     downsample_in_bottleneck: bool = False
+    bn_momentum: float = 0.9  # BatchNorm running-average momentum (flax convention: torch's 0.1)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ResNetConfig":
@@ -73,6 +74,7 @@ class ConvLayer(nn.Module):
     activation: str | None = "relu"
     use_running_average: bool = True
     dtype: Any = jnp.float32
+    momentum: float = 0.9
 
     @nn.compact
     def __call__(self, x):
@@ -81,7 +83,7 @@ class ConvLayer(nn.Module):
                  padding=((pad, pad), (pad, pad)), dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                  name="convolution")(x)
-        x = nn.BatchNorm(use_running_average=self.use_running_average, momentum=0.9, epsilon=1e-5,
+        x = nn.BatchNorm(use_running_average=self.use_running_average, momentum=self.momentum, epsilon=1e-5,
                          dtype=self.dtype, param_dtype=jnp.float32, name="normalization")(x)
         return x if self.activation is None else ACTIVATIONS[self.activation](x)
 
@@ -99,11 +101,11 @@ class Block(nn.Module):
     def __call__(self, x):
         cfg, act = self.config, self.config.hidden_act
         conv = lambda i, f, k, s, a: ConvLayer(f, k, s, a, self.use_running_average, self.dtype,  # noqa: E731
-                                               name=f"layer_{i}")
+                                               cfg.bn_momentum, name=f"layer_{i}")
         residual = x
         if x.shape[-1] != self.features or self.stride != 1:
             residual = ConvLayer(self.features, 1, self.stride, None, self.use_running_average, self.dtype,
-                                 name="shortcut")(x)
+                                 cfg.bn_momentum, name="shortcut")(x)
         if cfg.layer_type == "basic":
             h = conv(0, self.features, 3, self.stride, act)(x)
             h = conv(1, self.features, 3, 1, None)(h)
@@ -168,7 +170,7 @@ class ResNetModel(nn.Module):
         """images: float32 NHWC [B, H, W, C], normalised. Returns float32 features [B, hidden_sizes[-1]]."""
         cfg = self.config
         frozen = not (train and self.update_batch_stats)
-        x = ConvLayer(cfg.embedding_size, 7, 2, cfg.hidden_act, frozen, self.dtype, name="embedder")(
+        x = ConvLayer(cfg.embedding_size, 7, 2, cfg.hidden_act, frozen, self.dtype, cfg.bn_momentum, name="embedder")(
             images.astype(self.dtype))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = Encoder(cfg, frozen, self.dtype, name="encoder")(x)
