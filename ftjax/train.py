@@ -255,6 +255,9 @@ def resolve_model(config: ml_collections.ConfigDict):
         if "bn_momentum" not in {f.name for f in dataclasses.fields(spec.config_class)}:
             raise UserError(f"config.model.bn_momentum: the {name} family has no BatchNorm "
                             "(efficientnet and resnet have); leave it unset")
+        if not config.model.update_batch_stats:
+            raise UserError("config.model.bn_momentum has no effect unless config.model.update_batch_stats "
+                            "is True (without it the running statistics never change)")
         if not 0.0 <= config.model.bn_momentum < 1.0:
             raise UserError(f"config.model.bn_momentum={config.model.bn_momentum} must be in [0, 1)")
         model_config = {**model_config, "bn_momentum": float(config.model.bn_momentum)}

@@ -148,8 +148,11 @@ def test_bn_momentum_sets_how_fast_the_running_statistics_move(family, default, 
 def test_bn_momentum_is_refused_without_batchnorm_or_out_of_range(folder, tmp_path):
     with pytest.raises(UserError, match="the vit family has no BatchNorm"):
         train.build_model(_config(folder, tmp_path, "vit", **{"model.bn_momentum": 0.9}), TASK3)
+    with pytest.raises(UserError, match="has no effect unless config.model.update_batch_stats is True"):
+        train.build_model(_config(folder, tmp_path, "resnet", **{"model.bn_momentum": 0.9}), TASK3)
     with pytest.raises(UserError, match=r"bn_momentum=1.0 must be in \[0, 1\)"):
-        train.build_model(_config(folder, tmp_path, "resnet", **{"model.bn_momentum": 1.0}), TASK3)
+        train.build_model(_config(folder, tmp_path, "resnet", **{"model.bn_momentum": 1.0,
+                                                                "model.update_batch_stats": True}), TASK3)
 
 
 def test_methods_without_attention_are_refused_on_cnns(folder, tmp_path):

@@ -170,8 +170,8 @@ class ResNetModel(nn.Module):
         """images: float32 NHWC [B, H, W, C], normalised. Returns float32 features [B, hidden_sizes[-1]]."""
         cfg = self.config
         frozen = not (train and self.update_batch_stats)
-        x = ConvLayer(cfg.embedding_size, 7, 2, cfg.hidden_act, frozen, self.dtype, cfg.bn_momentum, name="embedder")(
-            images.astype(self.dtype))
+        x = ConvLayer(cfg.embedding_size, 7, 2, cfg.hidden_act, frozen, self.dtype, cfg.bn_momentum,
+                      name="embedder")(images.astype(self.dtype))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = Encoder(cfg, frozen, self.dtype, name="encoder")(x)
         return x.astype(jnp.float32).mean(axis=(1, 2))
