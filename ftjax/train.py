@@ -648,15 +648,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     if is_main:
         info(f"start: {start_from}; {total} steps ({run.data.steps_per_epoch} an epoch) on {run.mesh.size} "
              f"{jax.devices()[0].platform} device(s)")
-    resumed = checkpointer.latest_step() is not None  # the state came from this workdir's checkpoint
-    writer = MetricWriter(workdir, enabled=is_main, resume_step=start if resumed else None)
+    latest = checkpointer.latest_step()  # not None: the state came from this workdir's checkpoint
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start if latest is not None else None)
     if run.features is not None:  # cached features: encode each split once (or load it), not train time
         run.features.encode(state, writer, start)
     watch, preemption = Stopwatch(loop.train_time_s), PreemptionWatch(checkpointer)
     epoch_from = (start, watch.train_s())
     bar = ProgressBar(total, start, enabled=is_main and config.progress_bar)
     pending = _Pending(config.nonfinite, loop)
-    pending.last_saved = checkpointer.latest_step()
+    pending.last_saved = latest
     with watch.aside():
         evaluate_before_training(run, state, loop, writer)
     window_t, window_ex, window_tok = time.perf_counter(), 0, 0
