@@ -128,11 +128,12 @@ def _fill_before_saving(monkeypatch, disk: pathlib.Path, step: int) -> pathlib.P
     def fill_then_save(self, s, state, **kw):
         if s == step:
             self.wait()  # the earlier saves (best/3 in the background) land first: the full disk hits `step`
-            with open(ballast, "wb") as f:
+            # Unbuffered: a buffered file keeps the bytes of the write that failed and
+            # raises ENOSPC again from truncate() or close(), before the save begins.
+            with open(ballast, "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * (1 << 16))
-                        f.flush()
                 except OSError as e:
                     assert e.errno == errno.ENOSPC
                 f.truncate(max(f.tell() - (128 << 10), 0))
