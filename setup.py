@@ -41,6 +41,8 @@ setuptools.setup(
         "matplotlib>=3.8,<4",  # ftjax.report's plots
         "pyyaml>=6,<7",  # ftjax.report's paper-number files
     ],
+    # pytest-xdist: pytest.ini runs the suite in 2 worker processes (-n 0: in-process);
     # scikit-image: the sample photos of the EfficientNet-Lite0 top-1 test; hypothesis: the reader fuzz tests
-    extras_require={"test": ["pytest>=8,<10", "scikit-image>=0.24", "hypothesis>=6.100,<7"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "scikit-image>=0.24",
+                              "hypothesis>=6.100,<7"]},
 )
